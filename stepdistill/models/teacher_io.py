@@ -1,0 +1,230 @@
+"""Load a teacher from a local Diffusers pipeline folder and turn its parts into what recipes need.
+
+* ``load_pipeline(path)``: a local folder (with ``model_index.json``) or a repo id already in the local Hugging Face
+  cache; never touches the network. A missing folder or component is reported by name with how to fix it.
+* ``denoiser_from_pipeline(pipe)``: the pipeline's UNet/transformer as a ``Denoiser`` on the scheduler's process.
+* ``ConditionEncoder``: prompts (or class labels) -> (cond, uncond) ``Conditioning`` via the pipeline's own
+  ``encode_prompt`` (so the unconditional input is exactly what the stock pipeline uses for CFG, spec A.3).
+* ``LatentCodec``: VAE encode/decode with the pipeline's scaling (identity for pixel-space teachers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..diffusion.processes import process_from_scheduler_config
+from .conditioning import Conditioning
+from .denoiser import Denoiser
+
+__all__ = ["TeacherLoadError", "load_pipeline", "denoiser_from_pipeline", "ConditionEncoder", "LatentCodec",
+           "pipeline_backbone_name"]
+
+
+class TeacherLoadError(RuntimeError):
+    """A teacher folder is missing, incomplete or unreadable."""
+
+
+def _resolve_local(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - any cache miss becomes one clear message
+            raise TeacherLoadError(
+                f"teacher {path!r} is not a local folder and is not in the local Hugging Face cache ({exc.__class__.__name__}). "
+                f"No network access is used at run time: download it once with `huggingface-cli download {path} "
+                f"--local-dir PATH` on a machine with internet and set teacher.path=PATH"
+            ) from None
+    raise TeacherLoadError(
+        f"teacher folder {str(p)!r} does not exist; set teacher.path to a local Diffusers pipeline folder "
+        f"(one containing model_index.json)"
+    )
+
+
+def check_pipeline_folder(folder: Path) -> dict:
+    """Validate ``model_index.json`` and that every listed component folder exists; return the index."""
+    index_file = folder / "model_index.json"
+    if not index_file.exists():
+        raise TeacherLoadError(
+            f"{folder} has no model_index.json, so it is not a Diffusers pipeline folder; point teacher.path at the "
+            f"folder that contains model_index.json (save one with pipe.save_pretrained(PATH))"
+        )
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TeacherLoadError(f"{index_file} is not valid JSON ({exc}); re-save the pipeline") from None
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if not (folder / name).is_dir():
+            raise TeacherLoadError(
+                f"teacher folder {folder} lists component {name!r} ({spec[1]}) in model_index.json but the folder "
+                f"{folder / name} is missing; copy the complete pipeline (all component folders)"
+            )
+    return index
+
+
+def load_pipeline(path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs):
+    """``DiffusionPipeline.from_pretrained`` on a local folder (local_files_only), with clear errors."""
+    from diffusers import DiffusionPipeline
+
+    folder = _resolve_local(path)
+    check_pipeline_folder(folder)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise TeacherLoadError(f"could not load the Diffusers pipeline in {folder}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_backbone_name(pipe) -> str:
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise TeacherLoadError(f"{type(pipe).__name__} has neither a unet nor a transformer component")
+
+
+def denoiser_from_pipeline(pipe, backbone=None) -> Denoiser:
+    """The pipeline's denoising network as a ``Denoiser`` on the process its scheduler defines."""
+    config = dict(pipe.scheduler.config)
+    config["_class_name"] = type(pipe.scheduler).__name__
+    process, prediction = process_from_scheduler_config(config)
+    return Denoiser(backbone if backbone is not None else getattr(pipe, pipeline_backbone_name(pipe)), process, prediction)
+
+
+class ConditionEncoder:
+    """Prompts or class labels -> (cond, uncond) for one pipeline family, using the pipeline's own encoders."""
+
+    def __init__(self, pipe, resolution: int | None = None):
+        self.pipe = pipe
+        self.kind = type(pipe).__name__
+        self.resolution = resolution
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return getattr(self.pipe, "text_encoder", None) is None and getattr(self.pipe, "transformer", None) is not None \
+            and hasattr(self.pipe.transformer.config, "num_embeds_ada_norm")
+
+    def null_class(self) -> int:
+        backbone = getattr(self.pipe, pipeline_backbone_name(self.pipe))
+        cfg = backbone.config
+        return int(getattr(cfg, "num_embeds_ada_norm", None) or getattr(cfg, "num_class_embeds", 0))
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str] | Tensor, device=None) -> tuple[Conditioning, Conditioning]:
+        device = device or self.pipe.device
+        if torch.is_tensor(prompts):  # class labels
+            labels = prompts.to(device).long()
+            return Conditioning(class_labels=labels), Conditioning(class_labels=torch.full_like(labels, self.null_class()))
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts to encode (empty batch)")
+        p = self.pipe
+        name = self.kind
+        if "XL" in name:
+            pe, npe, pooled, npooled = p.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=True)
+            size = (self.resolution or p.default_sample_size * p.vae_scale_factor,) * 2
+            proj = p.text_encoder_2.config.projection_dim if p.text_encoder_2 is not None else int(pooled.shape[-1])
+            ids = p._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj).to(device)
+            ids = ids.repeat(len(prompts), 1)
+            return (Conditioning(encoder_hidden_states=pe, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}),
+                    Conditioning(encoder_hidden_states=npe, added_cond_kwargs={"text_embeds": npooled, "time_ids": ids}))
+        if "StableDiffusion3" in name:
+            pe, npe, pooled, npooled = p.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=True)
+            return (Conditioning(encoder_hidden_states=pe, pooled_projections=pooled),
+                    Conditioning(encoder_hidden_states=npe, pooled_projections=npooled))
+        if "PixArt" in name or "Sana" in name:
+            pe, mask, npe, nmask = p.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="", device=device)
+            return (Conditioning(encoder_hidden_states=pe, encoder_attention_mask=mask),
+                    Conditioning(encoder_hidden_states=npe, encoder_attention_mask=nmask))
+        if hasattr(p, "encode_prompt"):
+            pe, npe = p.encode_prompt(prompts, device, 1, True, negative_prompt=None)
+            return Conditioning(encoder_hidden_states=pe), Conditioning(encoder_hidden_states=npe)
+        raise TypeError(f"{name} has no text encoder; pass class labels (a LongTensor) instead of prompts")
+
+
+class LatentCodec:
+    """Images in [-1, 1] <-> the backbone's input space (VAE latents times ``scaling_factor`` when there is a VAE)."""
+
+    def __init__(self, pipe):
+        self.vae = getattr(pipe, "vae", None)
+        if self.vae is not None:
+            self.scaling = float(getattr(self.vae.config, "scaling_factor", 1.0))
+            self.shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.vae is None:
+            return images
+        x = images.to(device=self.vae.device, dtype=self.vae.dtype)
+        latent = self.vae.encode(x).latent_dist
+        z = latent.sample(generator) if generator is not None else latent.mean
+        return ((z - self.shift) * self.scaling).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        z = latents / self.scaling + self.shift
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+class IdentityCodec:
+    """Pixel-space or toy data: the backbone works on the data itself."""
+
+    def encode(self, images: Tensor, generator=None) -> Tensor:
+        return images
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents
+
+
+class TeacherBundle:
+    """What a recipe needs from a teacher: its Denoiser, condition encoder, codec, sample shape and scheduler config.
+
+    Built from a Diffusers pipeline (``from_pipeline``) or directly (toy teachers). ``pipeline`` is kept for export.
+    """
+
+    def __init__(self, denoiser: Denoiser, sample_shape: tuple[int, ...], scheduler_config: dict,
+                 encoder=None, codec=None, pipeline=None, make_student=None, student_prediction: str | None = None):
+        """``make_student`` (optional) builds a fresh student backbone when the teacher's own weights cannot seed
+        one (the analytic toy teacher); ``student_prediction`` is then that student's output kind."""
+        self.denoiser = denoiser
+        self.make_student = make_student
+        self.student_prediction = student_prediction or denoiser.prediction
+        self.sample_shape = tuple(sample_shape)
+        self.scheduler_config = dict(scheduler_config)
+        self.encoder = encoder
+        self.codec = codec or IdentityCodec()
+        self.pipeline = pipeline
+
+    @classmethod
+    def from_pipeline(cls, pipe, resolution: int | None = None) -> "TeacherBundle":
+        backbone = getattr(pipe, pipeline_backbone_name(pipe))
+        cfg = backbone.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        if resolution is not None and getattr(pipe, "vae_scale_factor", None):
+            size = resolution // pipe.vae_scale_factor
+        sched = dict(pipe.scheduler.config)
+        sched["_class_name"] = type(pipe.scheduler).__name__
+        return cls(denoiser_from_pipeline(pipe), (cfg.in_channels, size, size), sched,
+                   encoder=ConditionEncoder(pipe, resolution), codec=LatentCodec(pipe), pipeline=pipe)
+
+    def encode_conditions(self, conditions, device) -> tuple[Conditioning, Conditioning]:
+        if self.encoder is None:
+            labels = conditions.to(device).long()
+            return Conditioning(class_labels=labels), Conditioning(class_labels=torch.full_like(labels, -1))
+        return self.encoder.encode(conditions, device=device)
