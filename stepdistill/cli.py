@@ -4,6 +4,8 @@
     stepdistill export RUN_DIR OUT_DIR
     stepdistill sample MODEL_DIR [--prompt P ...] [--steps N] [--guidance-scale W] [--out grid.png]
     stepdistill bench toy2d --recipe NAME [--mixture FILE.json] [--steps 1,2,4] [--json OUT.json]
+    stepdistill eval MODEL_DIR --suite digits [--teacher digits:sd|DIR] [--steps 1,2,4] [--json OUT.json]
+    stepdistill demo [--teacher REF] [--student DIR ...] [--port N]
 
 Errors the user can fix (bad config keys, missing teacher files, corrupt checkpoints) are printed as one clear
 message with exit code 2, never as a traceback.
@@ -80,11 +82,44 @@ def _cmd_bench(args) -> int:
     if args.train_steps is not None:
         kw["train_steps"] = args.train_steps
     result = run_toy2d_bench(**kw)
+    import shlex
+
+    cmd = ["stepdistill", "bench", "toy2d", "--recipe", args.recipe, "--mixture", args.mixture, "--steps", args.steps,
+           "--seed", str(args.seed)]
+    cmd += ["--train-steps", str(args.train_steps)] if args.train_steps is not None else []
+    cmd += ["--json", args.json] if args.json else []
+    result.setdefault("command", shlex.join(cmd))  # rendered by scripts/write_results.py
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
     print(text)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo.app import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_eval(args) -> int:
+    from .evaluation.digits_eval import run_digits_eval
+
+    if args.suite != "digits":
+        raise ValueError(f"unknown eval suite {args.suite!r}; available: digits (toy2d results come from "
+                         f"`stepdistill bench toy2d`)")
+    classifier = None
+    if args.classifier:
+        from .benchmarks.digits.classifier import load_classifier
+
+        classifier = load_classifier(args.classifier)
+    result = run_digits_eval(args.model_dir, steps=[int(s) for s in args.steps.split(",") if s.strip()],
+                             json_path=args.json, teacher=args.teacher, num_samples=args.num_samples,
+                             teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance,
+                             classifier=classifier, classifier_source=args.classifier, batch_size=args.batch_size,
+                             seed=args.seed)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -125,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="write the result JSON here")
     b.set_defaults(fn=_cmd_bench)
+
+    from .demo.args import add_demo_arguments  # torch and gradio load only when the demo runs
+
+    d = sub.add_parser("demo", help="Gradio demo: the teacher and its students side by side from the same seed")
+    add_demo_arguments(d)
+    d.set_defaults(fn=_cmd_demo)
+
+    v = sub.add_parser("eval", help="evaluate an exported student against its teacher and training-free solvers")
+    v.add_argument("model_dir", help="exported student folder (with stepdistill_sampling.json)")
+    v.add_argument("--suite", default="digits", choices=["digits"])
+    v.add_argument("--teacher", help="digits:sd|digits:dit|digits:unet or a pipeline folder (default: the teacher "
+                                     "named in the student's stepdistill_sampling.json)")
+    v.add_argument("--steps", default="1,2,4", help="comma-separated student step counts")
+    v.add_argument("--num-samples", type=int, default=1000)
+    v.add_argument("--teacher-steps", type=int, help="teacher baseline steps (digits default: 50)")
+    v.add_argument("--teacher-guidance", type=float, help="teacher CFG scale (digits default: 3.0)")
+    v.add_argument("--classifier", help="digit classifier folder (default: the committed one)")
+    v.add_argument("--batch-size", type=int, default=250)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", help="write the result JSON here (sample grids go next to it)")
+    v.set_defaults(fn=_cmd_eval)
     return p
 
 

@@ -135,7 +135,8 @@ class DataSection:
     path: str | None = None
     """Prompt file (one prompt per line) for 'prompts'; image folder for 'image_folder'; unused otherwise."""
     batch_size: int = 8
-    """Per-process micro-batch size."""
+    """Per-process micro-batch size. Global batch per update = batch_size x train.gradient_accumulation_steps x
+    number of processes; N processes give the same updates as one with N x the accumulation steps."""
     resolution: int | None = None
     """Image side length; None = the data's native size (required for image_folder and random_images)."""
     channels: int = 3
@@ -203,7 +204,14 @@ class TrainSection:
     log_every: int = 10
     """Log averaged scalars every N updates (trackers, metrics.jsonl, progress bar)."""
     max_consecutive_nonfinite: int = 10
-    """Stop after this many consecutive skipped updates (non-finite loss or grad norm) of one optimizer."""
+    """After this many consecutive skipped updates (non-finite loss or grad norm) of one optimizer, act per on_nan."""
+    on_nan: Literal["stop", "rollback"] = "stop"
+    """'stop': end the run with a message naming the last good checkpoint; 'rollback': reload the last checkpoint,
+    multiply every learning rate by rollback_lr_factor and continue (at most max_rollbacks times, then stop)."""
+    rollback_lr_factor: float = 0.5
+    """Learning-rate multiplier applied at each rollback (on_nan=rollback); in (0, 1]."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed per run before it stops (on_nan=rollback)."""
     trackers: list[Literal["auto", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive"]] = field(
         default_factory=lambda: ["auto"])
     """accelerate trackers; 'auto' = tensorboard when installed, none otherwise; [] = none."""
@@ -230,6 +238,9 @@ class TrainSection:
         _check(p, self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
         _check(p, self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1",
                self.max_consecutive_nonfinite)
+        _check(p, 0 < self.rollback_lr_factor <= 1, "rollback_lr_factor", "must be in (0, 1]",
+               self.rollback_lr_factor)
+        _check(p, self.max_rollbacks >= 0, "max_rollbacks", "must be >= 0", self.max_rollbacks)
         _raise_if(p)
 
 
@@ -504,6 +515,13 @@ def _build_recipe(raw: Any, errors: list[str], from_override: set[str]) -> Recip
     name = raw.pop("name")
     if not isinstance(name, str):
         errors.append(f"recipe.name: expected str, got {type(name).__name__} {name!r}")
+        return None
+    if not name.isidentifier():  # also keeps arbitrary strings out of importlib
+        known = sorted(_RECIPE_OPTIONS)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        errors.append(f"recipe.name: {name!r} is not a recipe name (letters, digits and '_'){hint} Registered "
+                      f"recipes: {', '.join(known) or 'none'}")
         return None
     options_type = recipe_options_type(name)
     if options_type is None:

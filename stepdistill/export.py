@@ -57,11 +57,14 @@ def read_sampling_spec(folder: str | os.PathLike) -> SamplingSpec | None:
     return SamplingSpec(**json.loads(f.read_text()))
 
 
-def _export_pipeline_class(pipe, spec: SamplingSpec):
+def _export_pipeline_class(pipe, spec: SamplingSpec, backbone=None):
     import diffusers
 
     name = type(pipe).__name__
-    if spec.scheduler == "LCMScheduler" and name == "StableDiffusionPipeline" and not spec.lora:
+    # LatentConsistencyModelPipeline always embeds guidance_scale - 1, so only students with a guidance embedding
+    # (time_cond_proj_dim) use it; others (DMD2, SwiftBrush) keep the teacher's class, sampled without CFG.
+    embeds = getattr(getattr(backbone, "config", None), "time_cond_proj_dim", None) is not None
+    if spec.scheduler == "LCMScheduler" and name == "StableDiffusionPipeline" and not spec.lora and embeds:
         return diffusers.LatentConsistencyModelPipeline
     return type(pipe)
 
@@ -139,7 +142,7 @@ def export_full_student(teacher: TeacherBundle, backbone, scheduler, out_dir, sp
     components = dict(pipe.components)
     components[pipeline_backbone_name(pipe)] = backbone
     components["scheduler"] = scheduler
-    cls = _export_pipeline_class(pipe, spec)
+    cls = _export_pipeline_class(pipe, spec, backbone)
     new_pipe = _build_pipeline(cls, components)
 
     def write(tmp: Path) -> None:

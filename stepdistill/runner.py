@@ -25,9 +25,9 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def default_device() -> torch.device:
-    from accelerate import PartialState
+    from .training.loop import process_state  # CPU-aware: multi-process runs on GPU-less machines use gloo
 
-    return PartialState().device
+    return process_state().device
 
 
 def resolve_teacher(cfg: RunConfig) -> TeacherBundle:
@@ -68,7 +68,10 @@ def run_training(cfg: RunConfig, export: bool = True) -> Path:
     """Train ``cfg`` (resuming per ``run.resume``), then export the student when the teacher is a pipeline."""
     from .training.loop import train
 
+    from .training.data import seed_everything
+
     data_factory = _data_factory(cfg)  # validates data paths before any model loads
+    seed_everything(cfg.run.seed)  # same initial weights on every process and every rerun (rank 0's stream)
     recipe = build_recipe(cfg)
     run_dir = Path(train(cfg, recipe, data_factory))
     if export and getattr(recipe.teacher, "pipeline", None) is not None:

@@ -71,7 +71,50 @@ def check_pipeline_folder(folder: Path) -> dict:
                 f"teacher folder {folder} lists component {name!r} ({spec[1]}) in model_index.json but the folder "
                 f"{folder / name} is missing; copy the complete pipeline (all component folders)"
             )
+        _check_component_files(folder, name, str(spec[0]), str(spec[1]) if len(spec) > 1 else "")
     return index
+
+
+_NO_WEIGHTS = ("Scheduler", "Tokenizer", "FeatureExtractor", "ImageProcessor", "Processor")
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_component_files(folder: Path, name: str, library: str, class_name: str) -> None:
+    """The files a component needs: ``scheduler_config.json`` for schedulers; ``config.json`` plus complete
+    safetensors weights for models (pickled weights are refused). Tokenizers/processors are left to their loaders."""
+    comp = folder / name
+    if class_name.endswith("Scheduler") or "Scheduler" in class_name:
+        if not (comp / "scheduler_config.json").is_file():
+            raise TeacherLoadError(f"teacher component {name!r} ({class_name}) is incomplete: expected the file "
+                                   f"{comp / 'scheduler_config.json'}, which is missing; copy it from the original "
+                                   f"pipeline")
+        return
+    if any(word in class_name for word in _NO_WEIGHTS):
+        return
+    if not (comp / "config.json").is_file():
+        raise TeacherLoadError(f"teacher component {name!r} ({class_name}) is incomplete: expected the file "
+                               f"{comp / 'config.json'}, which is missing; copy the complete component folder")
+    files = [p for p in comp.iterdir() if p.is_file()]
+    weights = [p for p in files if p.name.endswith(".safetensors")]
+    if not weights and not any(p.name.endswith(".safetensors.index.json") for p in files):
+        pickles = [p.name for p in files if p.suffix in _PICKLE_WEIGHTS]
+        if pickles:
+            raise TeacherLoadError(
+                f"refusing to load teacher component {name!r}: its weights {', '.join(pickles)} are Python pickles, "
+                f"and unpickling a file can run arbitrary code; stepdistill only loads safetensors. If you trust "
+                f"the file, convert the pipeline once: DiffusionPipeline.from_pretrained(PATH)"
+                f".save_pretrained(NEW_PATH, safe_serialization=True)")
+        expected = "diffusion_pytorch_model.safetensors" if library == "diffusers" else "model.safetensors"
+        raise TeacherLoadError(f"teacher component {name!r} ({class_name}) has no weights: expected the file "
+                               f"{comp / expected} (or sharded *.safetensors with an index), which is missing; copy "
+                               f"the complete component folder")
+    from ..training.checkpoint import safetensors_problem
+
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise TeacherLoadError(f"teacher weights {path} are unreadable: {problem}. Re-download or re-save the "
+                                   f"pipeline (the file is truncated or corrupt)")
 
 
 def load_pipeline(path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs):
@@ -99,7 +142,11 @@ def denoiser_from_pipeline(pipe, backbone=None) -> Denoiser:
     """The pipeline's denoising network as a ``Denoiser`` on the process its scheduler defines."""
     config = dict(pipe.scheduler.config)
     config["_class_name"] = type(pipe.scheduler).__name__
-    process, prediction = process_from_scheduler_config(config)
+    try:
+        process, prediction = process_from_scheduler_config(config)
+    except ValueError as exc:
+        where = Path(getattr(pipe, "name_or_path", "") or ".") / "scheduler" / "scheduler_config.json"
+        raise TeacherLoadError(f"the teacher's scheduler config ({where}) is not usable: {exc}") from None
     return Denoiser(backbone if backbone is not None else getattr(pipe, pipeline_backbone_name(pipe)), process, prediction)
 
 
@@ -117,9 +164,15 @@ class ConditionEncoder:
             and hasattr(self.pipe.transformer.config, "num_embeds_ada_norm")
 
     def null_class(self) -> int:
+        """The unconditional label: DiT's extra CFG row ``num_embeds_ada_norm`` (1000, what DiTPipeline uses); for a
+        class-conditional UNet2DModel the last embedding row ``num_class_embeds - 1`` (the digits convention)."""
         backbone = getattr(self.pipe, pipeline_backbone_name(self.pipe))
         cfg = backbone.config
-        return int(getattr(cfg, "num_embeds_ada_norm", None) or getattr(cfg, "num_class_embeds", 0))
+        if getattr(cfg, "num_embeds_ada_norm", None):
+            return int(cfg.num_embeds_ada_norm)
+        if getattr(cfg, "num_class_embeds", None):
+            return int(cfg.num_class_embeds) - 1
+        raise TypeError(f"{type(backbone).__name__} is not class-conditional (no num_embeds_ada_norm / num_class_embeds)")
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str] | Tensor, device=None) -> tuple[Conditioning, Conditioning]:

@@ -265,10 +265,11 @@ class LCMRecipe(Recipe):
         return self.teacher.codec.decode(denoised)
 
     def export(self, out_dir):
+        from ..evaluation.teacher_ref import teacher_reference
         from ..export import SamplingSpec, export_full_student, export_lora_student
 
         spec = SamplingSpec(recipe="lcm", variant=self.options.variant, scheduler="LCMScheduler",
-                            **self.sampling_defaults())
+                            **self.sampling_defaults(), extra={"teacher": teacher_reference(self.teacher.pipeline)})
         if self.options.variant == "lora":
             return export_lora_student(self.teacher, lora_state_dict(self.student.backbone), self.scheduler(), out_dir, spec)
         return export_full_student(self.teacher, unwrap(self.student.backbone), self.scheduler(), out_dir, spec)

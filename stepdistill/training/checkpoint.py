@@ -16,18 +16,29 @@ several processes contribute files) goes to ``checkpoints/.tmp-step-XXXXXXX/``; 
 fsynced, then the folder is renamed into place (``os.replace``, atomic on POSIX). A crash at any point leaves the
 previous checkpoints untouched and at worst a ``.tmp-*`` folder that is ignored and removed by the next save.
 
+Disk full (ENOSPC/EDQUOT, also when safetensors reports it): :func:`is_disk_full` recognises it and
+:func:`disk_full_message` says which checkpoint is intact and what to do; the loop removes the partial folder.
+
+Test hook: with ``STEPDISTILL_FAULT=point[,point...]`` in the environment, :func:`fault_point` SIGKILLs the process
+when it reaches a listed point: ``write:step-0000008/optimizers.safetensors`` (after that file of checkpoint 8 is
+written), ``manifest:step-0000008`` (manifest written, before the rename), ``checkpoint-renamed:step-0000008``
+(renamed, before pruning), ``train:step-0000006`` (before update 6), ``backward:step-0000006`` (after a backward of
+update 6). This makes crash tests deterministic; nothing happens when the variable is unset.
+
 Reading never unpickles: tensors come from safetensors, everything else from JSON. :func:`latest_checkpoint`
 verifies manifests (sizes and sha256) and skips incomplete or corrupt checkpoints with a warning naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +58,12 @@ __all__ = [
     "begin_checkpoint",
     "capture_rng_state",
     "checkpoint_name",
+    "disk_full_message",
+    "fault_point",
     "finalize_checkpoint",
     "flatten_recipe_state",
     "flatten_state",
+    "is_disk_full",
     "latest_checkpoint",
     "list_checkpoints",
     "load_safetensors",
@@ -58,6 +72,7 @@ __all__ = [
     "recipe_state_groups",
     "resolve_checkpoint",
     "restore_rng_state",
+    "safetensors_problem",
     "save_checkpoint",
     "temp_checkpoint_dir",
     "unflatten_state",
@@ -82,6 +97,55 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+FAULT_ENV = "STEPDISTILL_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Test hook: SIGKILL this process if ``name`` is listed in ``$STEPDISTILL_FAULT`` (comma-separated)."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and name in spec.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause chain) says the disk or quota is full."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
+
+
+def disk_full_message(exc: BaseException, root: str | Path, step: int, previous: Path | None, keep: int) -> str:
+    """What a run that ran out of disk space while writing checkpoint ``step`` under ``root`` tells the user."""
+    root = Path(root)
+    size = _folder_bytes(previous) if previous is not None else 0
+    need = f" (a checkpoint of this run takes about {size / 2**20:.1f} MiB)" if size else ""
+    if previous is not None:
+        state = (f"The unfinished checkpoint was removed; the previous checkpoint {previous} is intact and verified "
+                 f"on resume, so nothing before its step is lost.")
+        resume = f"then rerun the same command: run.resume=auto continues from {previous.name}."
+    else:
+        state = "The unfinished checkpoint was removed; no earlier checkpoint exists, so the run restarts from step 0."
+        resume = "then rerun the same command."
+    keep_hint = (f"lower train.keep_checkpoints (now {keep}; each kept checkpoint uses space)" if keep != 1 else
+                 "delete other runs or files")
+    return (f"disk full: no space left on the device while writing checkpoint {checkpoint_name(step)} to {root} "
+            f"({exc}). {state} To go on, free space on that disk{need} -- {keep_hint}, or set run.output_dir to a "
+            f"disk with more room -- {resume}")
+
+
 # ------------------------------------------------------------------------------------------ safe tensor files
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -92,12 +156,46 @@ def _refuse_pickle(path: Path) -> None:
             f"st.save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\"")
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (None if its header and size agree). Reads the header only.
+
+    Layout: 8-byte little-endian header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets}}``, then
+    the data; the file must end exactly where the largest ``data_offsets`` end says.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        return f"it has {size} bytes, fewer than the 8-byte header length (empty or truncated)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8 or n > 100 * 2**20:
+            return (f"its header claims {n} bytes but the file has {size} bytes (truncated, or not a safetensors "
+                    f"file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"its header is not valid JSON ({exc}); the file is corrupt or not a safetensors file"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object; the file is corrupt"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "its header has malformed tensor entries; the file is corrupt"
+    if 8 + n + end != size:
+        return f"the header says {8 + n + end} bytes but the file has {size} bytes (truncated or corrupt)"
+    return None
+
+
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file; pickles are refused and unreadable files named in the error."""
     path = Path(path)
     _refuse_pickle(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"cannot read {path}: {problem}; the file is truncated or corrupt: restore it or "
+                              f"re-create it (a checkpoint folder with a bad file is skipped on resume)")
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -125,6 +223,7 @@ def write_tensors(folder: Path, stem: str, tensors: dict[str, torch.Tensor]) -> 
     """Write ``<folder>/<stem>.safetensors``."""
     path = Path(folder) / f"{stem}.safetensors"
     save_file(_savable(tensors), str(path))
+    fault_point(f"write:{_step_of(folder)}/{path.name}")
     return path
 
 
@@ -132,7 +231,12 @@ def write_json(folder: Path, stem: str, obj: Any) -> Path:
     """Write ``<folder>/<stem>.json``."""
     path = Path(folder) / f"{stem}.json"
     path.write_text(json.dumps(obj, indent=1))
+    fault_point(f"write:{_step_of(folder)}/{path.name}")
     return path
+
+
+def _step_of(folder: str | Path) -> str:
+    return Path(folder).name.removeprefix(".tmp-")
 
 
 # --------------------------------------------------------------------------- nested state <-> tensors + JSON
@@ -265,6 +369,7 @@ def finalize_checkpoint(tmp: str | Path, step: int) -> Path:
     write_json(tmp, Path(MANIFEST).stem, manifest)
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
+    fault_point(f"manifest:{checkpoint_name(step)}")
     final = tmp.parent / checkpoint_name(step)
     old = None
     if final.exists():  # re-saving a step: move the old one aside first (a directory rename cannot overwrite)

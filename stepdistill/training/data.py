@@ -1,9 +1,14 @@
-"""Step-indexed, seeded training data: batch k depends only on (seed, rank, k).
+"""Step-indexed, seeded training data: micro-batch k of process r depends only on (seed, slot), where
+``slot = k * num_processes + r`` is its run-wide index (:meth:`DataStart.slot`).
 
 This is what makes resume exact without saving iterator state: a run resumed at micro-batch k simply asks for
-batches k, k+1, ... again. The loop calls ``data_iter_factory(DataStart(batch_index=k, seed, rank,
-num_processes))`` and iterates the result; a factory is usually built with :func:`step_indexed` from a function
-``sample_fn(k, generator) -> batch``.
+batches k, k+1, ... again. Indexing by the run-wide slot (rather than by (rank, k)) makes the data independent of
+how the slots are spread over processes: N processes with ``train.gradient_accumulation_steps = A`` consume, per
+update, exactly the slots one process with ``A * N`` accumulation steps consumes (``data.batch_size`` is the
+per-process micro-batch; global batch per update = ``batch_size * gradient_accumulation_steps * num_processes``).
+
+The loop calls ``data_iter_factory(DataStart(batch_index=k, seed, rank, num_processes))`` and iterates the result;
+a factory is usually built with :func:`step_indexed` from a function ``sample_fn(slot, generator) -> batch``.
 
 Seeds: :func:`derive_seed` mixes integers with ``numpy.random.SeedSequence`` (nearby inputs give unrelated
 streams). Named streams keep data, noise, augmentation and sample-grid randomness apart.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +45,8 @@ __all__ = [
     "StepIndexedBatchSampler",
     "StepIndexedIterator",
     "build_data_factory",
+    "global_batch_index",
+    "read_prompt_file",
     "derive_seed",
     "move_to_device",
     "register_data_kind",
@@ -78,6 +86,16 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(s)
 
 
+def global_batch_index(batch_index: int, rank: int = 0, num_processes: int = 1) -> int:
+    """Run-wide index ("slot") of micro-batch ``batch_index`` of process ``rank``: ``batch_index * N + rank``.
+
+    Update ``u`` with accumulation ``A`` on ``N`` processes covers slots ``[u*A*N, (u+1)*A*N)`` whatever ``N`` is.
+    """
+    if not 0 <= rank < num_processes:
+        raise ValueError(f"rank {rank} is not in 0..{num_processes - 1}")
+    return int(batch_index) * int(num_processes) + int(rank)
+
+
 @dataclass(frozen=True)
 class DataStart:
     """Where a data iterator starts: the first micro-batch index it yields, and who asks."""
@@ -87,13 +105,19 @@ class DataStart:
     rank: int = 0
     num_processes: int = 1
 
+    def slot(self, batch_index: int) -> int:
+        """Run-wide index of this process's micro-batch ``batch_index`` (see :func:`global_batch_index`)."""
+        return global_batch_index(batch_index, self.rank, max(self.num_processes, self.rank + 1))
+
 
 DataIterFactory = Callable[[DataStart], Iterable]
 """``factory(DataStart) -> iterable of batches``, the k-th yielded batch being micro-batch ``start.batch_index + k``."""
 
 
 class StepIndexedIterator:
-    """Yields ``sample_fn(k, step_generator(seed, k, rank=rank))`` for k = start.batch_index, start.batch_index+1, ..."""
+    """Yields ``sample_fn(s, step_generator(seed, s))`` with ``s = start.slot(k)`` for k = start.batch_index, ...
+
+    (With one process ``s == k``.)"""
 
     def __init__(self, sample_fn: Callable[[int, torch.Generator], Any], start: DataStart):
         self.sample_fn, self.start = sample_fn, start
@@ -104,39 +128,41 @@ class StepIndexedIterator:
 
     def __next__(self):
         k = self.batch_index
-        batch = self.sample_fn(k, step_generator(self.start.seed, k, rank=self.start.rank))
+        slot = self.start.slot(k)
+        batch = self.sample_fn(slot, step_generator(self.start.seed, slot))
         self.batch_index = k + 1
         return batch
 
 
 def step_indexed(sample_fn: Callable[[int, torch.Generator], Any]) -> DataIterFactory:
-    """A data factory from ``sample_fn(batch_index, generator) -> batch``."""
+    """A data factory from ``sample_fn(slot, generator) -> batch`` (``slot``: run-wide micro-batch index)."""
     return lambda start: StepIndexedIterator(sample_fn, start)
 
 
 class StepIndexedBatchSampler(torch.utils.data.Sampler):
     """Infinite batch sampler over a map-style dataset of ``num_items``, resumable at any batch index.
 
-    Epoch e is a permutation of all items drawn from (seed, e), the same on every rank; per-rank micro-batch k
-    (``k = e * E + j`` with ``E = num_items // (batch_size * num_processes)`` batches per epoch, the remainder
-    dropped) is slice ``j * num_processes + rank`` of it, so ranks see disjoint items.
+    Epoch e is a permutation of all items drawn from (seed, e), the same on every rank; run-wide slot ``s``
+    (:meth:`DataStart.slot`; ``s = e * E + j`` with ``E = num_items // batch_size`` batches per epoch, the remainder
+    dropped) is slice ``j`` of it. Ranks hold different slots, so within an epoch they see disjoint items, and the
+    order does not depend on the number of processes.
     """
 
     def __init__(self, num_items: int, batch_size: int, start: DataStart):
-        per_epoch = num_items // (batch_size * start.num_processes)
-        if per_epoch < 1:
+        if num_items < batch_size * start.num_processes:
             raise ValueError(f"the dataset has {num_items} items, fewer than batch_size x processes = "
                              f"{batch_size} x {start.num_processes}; lower data.batch_size or add data")
+        per_epoch = num_items // batch_size
         self.num_items, self.batch_size, self.start, self.per_epoch = num_items, batch_size, start, per_epoch
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def indices(self, k: int) -> list[int]:
         """Dataset indices of this rank's micro-batch ``k``."""
-        epoch, j = divmod(k, self.per_epoch)
+        epoch, j = divmod(self.start.slot(k), self.per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             g = step_generator(self.start.seed, epoch, stream="epoch")
             self._perm = (epoch, torch.randperm(self.num_items, generator=g))
-        lo = (j * self.start.num_processes + self.start.rank) * self.batch_size
+        lo = j * self.batch_size
         return self._perm[1][lo: lo + self.batch_size].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -186,13 +212,34 @@ def build_data_factory(data: "DataSection") -> DataIterFactory:
     return _DATA_KINDS[data.kind](data)
 
 
-def _prompts(data: "DataSection") -> DataIterFactory:
-    path = Path(data.path)
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The non-empty, stripped lines of a UTF-8 prompt file (a UTF-8 BOM is allowed).
+
+    A file that is not UTF-8 is refused with the line number and byte offset of the first bad byte; an empty (or
+    whitespace-only) file is refused too, both naming the file.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data.path {path} does not exist; give a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise FileNotFoundError(f"data.path {path} does not exist{hint}; give a text file with one prompt per line")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        bad = raw[exc.start:exc.end].hex(" ")
+        raise ValueError(f"prompt file {path} is not valid UTF-8: line {line}, byte offset {exc.start} "
+                         f"(byte 0x{bad}: {exc.reason}); re-save it as UTF-8, e.g. "
+                         f"iconv -f latin1 -t utf-8 {path} > fixed.txt") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"data.path {path} has no prompts (one prompt per non-empty line)")
+        what = "is empty" if not raw else "has only blank lines"
+        raise ValueError(f"prompt file {path} {what}: give one prompt per line (data.path, data.kind=prompts)")
+    return prompts
+
+
+def _prompts(data: "DataSection") -> DataIterFactory:
+    prompts = read_prompt_file(data.path)
 
     def sample(k: int, g: torch.Generator) -> dict:
         picks = torch.randint(len(prompts), (data.batch_size,), generator=g).tolist()
@@ -219,10 +266,10 @@ def _digits(data: "DataSection") -> DataIterFactory:
                          f"{split.images.shape[-1]}; leave data.resolution unset")
 
     def factory(start: DataStart):
-        seed = derive_seed(start.seed, start.rank)
+        seed = derive_seed(start.seed, 0)
 
-        def sample(k: int, _g: torch.Generator) -> dict:
-            b = sample_batch(split, k, data.batch_size, seed=seed)
+        def sample(slot: int, _g: torch.Generator) -> dict:
+            b = sample_batch(split, slot, data.batch_size, seed=seed)
             return {"images": b.images, "labels": b.labels, "prompts": b.prompts,
                     "conditions": b.prompts if data.conditioning == "prompt" else b.labels}
 
@@ -234,15 +281,53 @@ def _digits(data: "DataSection") -> DataIterFactory:
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
+def _probe_image(path: Path) -> str | None:
+    """Why ``path`` is not a usable image (None if its header reads fine). Only the header is read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if width < 1 or height < 1:
+        return f"image is {width}x{height}"
+    return None
+
+
 class _ImageFolder(torch.utils.data.Dataset):
-    """Images under a folder (recursive, sorted), resized (shorter side) and centre-cropped to ``resolution``."""
+    """Images under a folder (recursive, sorted), converted and resized to what training needs.
+
+    Every image, whatever its size or mode, is converted to ``L`` (channels=1) or ``RGB`` (channels=3; an alpha
+    channel is dropped, palette images are expanded), its shorter side resized (bicubic, up or down) to
+    ``resolution`` and centre-cropped to a square. Files with an image suffix whose header cannot be read (not an
+    image, empty, unsupported) are *skipped and counted*: ``self.skipped`` lists ``(path, reason)`` and one warning
+    names them; a folder with no readable image is an error. A file whose header reads but whose pixel data is
+    truncated fails when loaded, with an error naming the file.
+    """
 
     def __init__(self, root: Path, resolution: int, channels: int):
         if not root.is_dir():
             raise FileNotFoundError(f"data.path {root} is not a folder of images")
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-        if not self.files:
+        candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+        if not candidates:
             raise ValueError(f"data.path {root} has no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+        self.files: list[Path] = []
+        self.skipped: list[tuple[Path, str]] = []
+        for path in candidates:
+            reason = _probe_image(path)
+            if reason is None:
+                self.files.append(path)
+            else:
+                self.skipped.append((path, reason))
+        if self.skipped:
+            listed = "; ".join(f"{p.relative_to(root)} ({r})" for p, r in self.skipped[:5])
+            more = f"; and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            message = (f"data.path {root}: skipped {len(self.skipped)} of {len(candidates)} files that are not "
+                       f"readable images: {listed}{more}")
+            if not self.files:
+                raise ValueError(f"{message}. No readable image is left; check the folder")
+            warnings.warn(message, stacklevel=3)
         from torchvision import transforms
 
         self.mode = "L" if channels == 1 else "RGB"
@@ -260,8 +345,14 @@ class _ImageFolder(torch.utils.data.Dataset):
         from PIL import Image
 
         path = self.files[i]
-        with Image.open(path) as im:
-            image = self.transform(im.convert(self.mode))
+        try:
+            with Image.open(path) as im:
+                if im.mode == "P" and "transparency" in im.info:
+                    im = im.convert("RGBA")
+                image = self.transform(im.convert(self.mode))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"image {path} could not be decoded ({type(exc).__name__}: {exc}); the file is truncated "
+                             f"or corrupt: delete or re-export it") from None
         caption = path.with_suffix(".txt")
         return {"images": image, "conditions": caption.read_text().strip() if caption.is_file() else ""}
 
@@ -274,7 +365,7 @@ def _image_folder(data: "DataSection") -> DataIterFactory:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=data.num_workers)
         for k, batch in enumerate(loader, start=start.batch_index):
             if data.random_flip:
-                g = step_generator(start.seed, k, rank=start.rank, stream="augment")
+                g = step_generator(start.seed, start.slot(k), stream="augment")
                 flip = torch.rand(len(batch["images"]), generator=g) < 0.5
                 batch["images"][flip] = batch["images"][flip].flip(-1)
             yield batch

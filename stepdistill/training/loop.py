@@ -29,9 +29,22 @@ Exact resume: a checkpoint holds weights, EMA, optimizer, scheduler and GradScal
 counters and every process's RNG states; data and noise are functions of the micro-batch index. Killing a run
 after a checkpoint and resuming gives bitwise the same weights as an uninterrupted run (tests/test_training_loop.py).
 
-Multi-process (``accelerate launch --num_processes N``): per-rank data and noise seeds, gradient all-reduce through
-the prepared modules, guard decisions reduced across ranks, checkpoints assembled by all ranks (RNG files) and
-finalised by the main process. Not supported: DeepSpeed/FSDP (``backward(inputs=...)`` and per-optimizer clipping).
+Multi-process (``accelerate launch --num_processes N``, see docs/distributed.md): data and noise of process r's
+micro-batch k come from the run-wide slot ``k * N + r`` (training/data.py), so N processes with accumulation A give
+the same updates as one process with accumulation ``A * N`` (same global batch; tests/test_distributed.py); DDP
+averages gradients through the prepared modules, guard decisions are reduced across ranks, checkpoints are
+assembled by all ranks (RNG files) and finalised by the main process. DeepSpeed runs one model per engine, so
+recipes with more than one trained network are refused there with a message. FSDP/DeepSpeed configs ship in
+recipes/accelerate/ but need GPUs and are not exercised by the CPU test suite (docs/distributed.md).
+
+Non-finite handling (``train.on_nan``): after ``train.max_consecutive_nonfinite`` skipped updates in a row the run
+stops with a message ("stop") or reloads the last checkpoint, multiplies every learning rate by
+``train.rollback_lr_factor`` and goes on ("rollback", at most ``train.max_rollbacks`` times). The lr scale is part of
+the checkpoints (scheduler base lrs), and a changed ``train.lr`` on resume is applied (scaled) to them.
+
+Checkpoint writes that fail because the disk is full remove the partial checkpoint and stop with a message saying
+which checkpoint is intact and how to go on; ``STEPDISTILL_FAULT`` (checkpoint.fault_point) lets tests SIGKILL the
+process at named points (inside a checkpoint write, during a step).
 """
 
 from __future__ import annotations
@@ -40,6 +53,8 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -62,13 +77,17 @@ from ..models.backbones import unwrap
 from ..recipes.base import Recipe, StepOutput
 from .checkpoint import (
     CHECKPOINTS_DIR,
+    CheckpointError,
     LoadedCheckpoint,
     begin_checkpoint,
     capture_rng_state,
     checkpoint_name,
+    disk_full_message,
+    fault_point,
     finalize_checkpoint,
     flatten_recipe_state,
     flatten_state,
+    is_disk_full,
     latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
@@ -87,6 +106,7 @@ from .data import (
     DataStart,
     StepIndexedBatchSampler,
     derive_seed,
+    global_batch_index,
     move_to_device,
     seed_everything,
     step_generator,
@@ -94,7 +114,7 @@ from .data import (
 from .ema import EMA
 from .nan_guard import NonFiniteGuard, NonFiniteLossError, stop_message
 
-__all__ = ["TrainerState", "resolve_resume", "save_sample_grid", "train"]
+__all__ = ["TrainerState", "process_state", "resolve_resume", "save_sample_grid", "train"]
 
 _SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -105,6 +125,32 @@ class TrainerState:
 
     step: int = 0
     batch_index: int = 0
+
+
+def _launched_world_size() -> int:
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        with contextlib.suppress(ValueError):
+            if int(os.environ.get(key, "1")) > 1:
+                return int(os.environ[key])
+    return 1
+
+
+def _has_accelerator_device() -> bool:
+    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
+
+    return torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available()
+
+
+def process_state():
+    """accelerate's ``PartialState``, created on the CPU when ``ACCELERATE_USE_CPU`` is set or when this process is
+    one of several launched (``WORLD_SIZE > 1``) on a machine without GPUs -- accelerate would otherwise start every
+    process as an independent single-process run (gloo needs ``cpu=True``). Call it before anything else touches
+    ``PartialState`` (``runner.default_device`` does)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (_launched_world_size() > 1 and not _has_accelerator_device())
+    return PartialState(cpu=cpu)
 
 
 def train(cfg: RunConfig, recipe: Recipe, data_iter_factory: DataIterFactory) -> Path:
@@ -191,6 +237,14 @@ class _Window:
         return out
 
 
+class _RollbackRequest(Exception):
+    """Raised inside an update when the NaN guard asks for a rollback (``train.on_nan=rollback``)."""
+
+    def __init__(self, name: str, count: int):
+        super().__init__(name, count)
+        self.name, self.count = name, count
+
+
 class _Trainer:
     def __init__(self, cfg: RunConfig, recipe: Recipe, data_iter_factory: DataIterFactory):
         self.cfg, self.recipe, self.data_iter_factory = cfg, recipe, data_iter_factory
@@ -201,11 +255,15 @@ class _Trainer:
         self.guard = NonFiniteGuard(self.tc.max_consecutive_nonfinite)
         self.last_checkpoint: Path | None = None
         self.sampling_enabled = self.tc.sample_every > 0
+        self.lr_scale = 1.0  # product of the rollback factors applied so far (train.on_nan=rollback)
+        self.rollbacks = 0
+        self._state_checked = False
 
     # ------------------------------------------------------------------------------------------------ setup
     def _setup(self) -> None:
         tc = self.tc
         self.trackers = _trackers(tc.trackers)
+        process_state()
         self.accelerator = acc = Accelerator(
             mixed_precision=tc.mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -216,6 +274,15 @@ class _Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.ddp_find_unused_parameters)],
         )
         self.rank, self.is_main = acc.process_index, acc.is_main_process
+        launched = _launched_world_size()
+        if launched > 1 and acc.num_processes == 1:
+            raise RuntimeError(
+                f"this process was launched as one of {launched} (WORLD_SIZE={launched}) but accelerate set up "
+                f"{acc.num_processes} process(es), so every process would train alone and overwrite the same run dir. "
+                f"On a machine without GPUs set ACCELERATE_USE_CPU=1, or launch with "
+                f"`accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes {launched} ...` "
+                f"(see docs/distributed.md)")
+        self._check_distributed_support()
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = tc.allow_tf32
             torch.backends.cudnn.allow_tf32 = tc.allow_tf32
@@ -267,6 +334,20 @@ class _Trainer:
                        for k, v in flatten_config(self.cfg).items()}
             acc.init_trackers(self.cfg.run.name, config=hparams)
 
+    def _check_distributed_support(self) -> None:
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        modules = self.recipe.trainable_modules()
+        if kind == DistributedType.DEEPSPEED and len(modules) > 1:
+            raise RuntimeError(
+                f"recipe {self.recipe.name!r} trains {len(modules)} networks ({', '.join(modules)}), but DeepSpeed "
+                f"wraps exactly one model per engine (one optimizer, one backward); use the DDP or FSDP accelerate "
+                f"config (recipes/accelerate/ddp.yaml or fsdp.yaml) for this recipe -- see docs/distributed.md")
+        if kind == DistributedType.DEEPSPEED and self.tc.gradient_accumulation_steps > 1:
+            raise RuntimeError("under DeepSpeed set gradient_accumulation_steps in the DeepSpeed config, not "
+                               "train.gradient_accumulation_steps (the engine accumulates itself)")
+
     def _write_config(self) -> None:
         path = self.run_dir / "config.yaml"
         if self.resume_from is not None and path.is_file():  # say what changed since the run started
@@ -309,7 +390,13 @@ class _Trainer:
         try:
             data = iter(self._open_data())
             while self.state.step < tc.max_steps:
-                self._update(data)
+                fault_point(f"train:{checkpoint_name(self.state.step)}")
+                try:
+                    self._update(data)
+                except _RollbackRequest as req:
+                    self._rollback(req)
+                    data = iter(self._open_data())
+                    continue
                 step = self.state.step
                 self.pbar.update(1)
                 if step % tc.log_every == 0 or step == tc.max_steps:
@@ -346,7 +433,8 @@ class _Trainer:
                 raise RuntimeError(f"the data iterator ran out at micro-batch {self.state.batch_index}; "
                                    f"data factories must be infinite (step-indexed)") from None
             batch = move_to_device(batch, acc.device)
-            generator = step_generator(self.cfg.run.seed, self.state.batch_index, rank=self.rank, stream="noise")
+            slot = global_batch_index(self.state.batch_index, self.rank, acc.num_processes)
+            generator = step_generator(self.cfg.run.seed, slot, stream="noise")
             with acc.accumulate(*self.modules.values()):
                 with acc.autocast():
                     out = recipe.training_step(batch, self.state.step, generator)
@@ -354,6 +442,7 @@ class _Trainer:
                 for name, loss in out.losses.items():
                     self.guard.observe_loss(name, loss)
                     acc.backward(loss, inputs=self.params[name])
+                    fault_point(f"backward:{checkpoint_name(self.state.step)}")
                     self.window.add(f"loss/{name}", loss)
                     if acc.sync_gradients:
                         if self._apply(name):
@@ -408,7 +497,10 @@ class _Trainer:
             stepped = not opt.step_was_skipped
         if self.guard.record(name, bad):
             self._log()
-            raise NonFiniteLossError(stop_message(name, self.guard.consecutive[name], self.state.step, self.tc.lr,
+            if self.tc.on_nan == "rollback":
+                raise _RollbackRequest(name, self.guard.consecutive[name])
+            raise NonFiniteLossError(stop_message(name, self.guard.consecutive[name], self.state.step,
+                                                  self.tc.lr * self.lr_scale,
                                                   self.last_checkpoint or latest_checkpoint(self.run_dir)))
         if stepped:
             self.recipe.after_optimizer_step(name, self.state.step)
@@ -419,6 +511,8 @@ class _Trainer:
         values = self.window.flush()
         values.update({f"lr/{n}": float(s.get_last_lr()[0]) for n, s in self.schedulers.items()})
         values.update({f"skipped/{n}": c for n, c in self.guard.total_skipped.items()})
+        if self.rollbacks:
+            values["rollbacks"] = self.rollbacks
         step = self.state.step
         if self.trackers:
             self.accelerator.log(values, step=step)
@@ -450,40 +544,137 @@ class _Trainer:
     def _save(self, step: int) -> None:
         acc = self.accelerator
         root = self.run_dir / CHECKPOINTS_DIR
-        if self.is_main:
-            begin_checkpoint(root, step)
-        acc.wait_for_everyone()
+        previous = self.last_checkpoint
         tmp = temp_checkpoint_dir(root, step)
-        rng_tensors, rng_meta = capture_rng_state()
-        write_tensors(tmp, f"rng_rank{self.rank}", rng_tensors)
-        write_json(tmp, f"rng_rank{self.rank}", rng_meta)
-        acc.wait_for_everyone()
-        if self.is_main:
-            write_tensors(tmp, "recipe_state", flatten_recipe_state(self.recipe.state_dict_for_checkpoint()))
-            if self.ema is not None:
-                write_tensors(tmp, "ema", self.ema.state_dict())
-            opt_tensors, opt_meta = flatten_state({
-                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            })
-            write_tensors(tmp, "optimizers", opt_tensors)
-            write_json(tmp, "optimizers", opt_meta)
-            write_json(tmp, "trainer", {"step": step, "batch_index": self.state.batch_index,
-                                        "num_processes": acc.num_processes, "seed": self.cfg.run.seed,
-                                        "guard": self.guard.state_dict()})
-            finalize_checkpoint(tmp, step)
-            prune_checkpoints(root, self.tc.keep_checkpoints)
+        try:
+            if self.is_main:
+                begin_checkpoint(root, step)
+            acc.wait_for_everyone()
+            rng_tensors, rng_meta = capture_rng_state()
+            write_tensors(tmp, f"rng_rank{self.rank}", rng_tensors)
+            write_json(tmp, f"rng_rank{self.rank}", rng_meta)
+            acc.wait_for_everyone()
+            if self.is_main:
+                recipe_state = flatten_recipe_state(self.recipe.state_dict_for_checkpoint())
+                self._check_state_complete(recipe_state)
+                write_tensors(tmp, "recipe_state", recipe_state)
+                if self.ema is not None:
+                    write_tensors(tmp, "ema", self.ema.state_dict())
+                opt_tensors, opt_meta = flatten_state({
+                    "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                    "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                    "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                })
+                write_tensors(tmp, "optimizers", opt_tensors)
+                write_json(tmp, "optimizers", opt_meta)
+                write_json(tmp, "trainer", {"step": step, "batch_index": self.state.batch_index,
+                                            "num_processes": acc.num_processes, "seed": self.cfg.run.seed,
+                                            "config_lr": self.tc.lr, "lr_scale": self.lr_scale,
+                                            "rollbacks": self.rollbacks, "guard": self.guard.state_dict()})
+                finalize_checkpoint(tmp, step)
+                fault_point(f"checkpoint-renamed:{checkpoint_name(step)}")
+                prune_checkpoints(root, self.tc.keep_checkpoints)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(disk_full_message(exc, root, step, previous or latest_checkpoint(self.run_dir),
+                                                    self.tc.keep_checkpoints)) from exc
         acc.wait_for_everyone()
         self.last_checkpoint = root / checkpoint_name(step)
+
+    def _check_state_complete(self, recipe_state: dict[str, torch.Tensor]) -> None:
+        """Every trainable parameter of every trained module must be in ``recipe_state`` (once per run): a network
+        left out of the checkpoints would silently restart from scratch on resume."""
+        from accelerate.utils import DistributedType
+
+        if self._state_checked or self.accelerator.distributed_type in (DistributedType.FSDP,
+                                                                         DistributedType.DEEPSPEED):
+            return
+        ptrs = {t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+                for t in recipe_state.values() if t.device.type != "meta"}
+        by_shape: dict[tuple, list[torch.Tensor]] = {}
+        for t in recipe_state.values():
+            by_shape.setdefault(tuple(t.shape), []).append(t)
+        for name in self.module_names:
+            missing = []
+            for key, p in unwrap(self.modules[name]).named_parameters():
+                if not p.requires_grad:
+                    continue
+                if p.data_ptr() in ptrs:
+                    continue
+                same = by_shape.get(tuple(p.shape), [])  # saved as a copy (maybe cast): compare values
+                if not any(torch.equal(p.detach().to(device=t.device, dtype=t.dtype), t) for t in same):
+                    missing.append(key)
+            if missing:
+                raise RuntimeError(
+                    f"recipe {self.recipe.name!r}: state_dict_for_checkpoint() leaves out {len(missing)} trainable "
+                    f"parameter(s) of module {name!r} (e.g. {', '.join(missing[:3])}); every trained network, its "
+                    f"EMA targets included, must be in every checkpoint, or a resumed run restarts it silently")
+        self._state_checked = True
+
+    def _scale_lr(self, factor: float) -> None:
+        """Multiply every learning rate (current and scheduler base) by ``factor``; schedules keep their shape."""
+        for name, opt in self.optimizers.items():
+            sched = getattr(self.schedulers[name], "scheduler", self.schedulers[name])
+            sched.base_lrs = [b * factor for b in sched.base_lrs]
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] * factor
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * factor
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+    def _rollback(self, req: _RollbackRequest) -> None:
+        """``train.on_nan=rollback``: reload the last checkpoint and lower every learning rate."""
+        ckpt = self.last_checkpoint or latest_checkpoint(self.run_dir)
+        lr_now = self.tc.lr * self.lr_scale
+        if ckpt is None or self.rollbacks >= self.tc.max_rollbacks:
+            why = (f"no checkpoint was written yet to roll back to" if ckpt is None else
+                   f"the run already rolled back {self.rollbacks} time(s) (train.max_rollbacks="
+                   f"{self.tc.max_rollbacks}), lowering the learning rate to {lr_now:g}, and it diverged again")
+            raise NonFiniteLossError(f"{stop_message(req.name, req.count, self.state.step, lr_now, ckpt)} "
+                                     f"(train.on_nan=rollback gave up: {why})")
+        failed_at, rollbacks = self.state.step, self.rollbacks
+        totals = dict(self.guard.total_skipped)
+        factor = self.tc.rollback_lr_factor
+        target_scale = self.lr_scale * factor  # lower the lr that failed, not the checkpoint's
+        self.window.flush()
+        for opt in self.optimizers.values():  # gradients of the abandoned update must not leak into the next one
+            opt.zero_grad(set_to_none=True)
+        self.guard.discard_pending()
+        self._load(read_checkpoint(ckpt, verify=False))
+        self.guard.total_skipped = totals  # skipped updates stay counted across the rollback
+        self.guard.consecutive = {}
+        self.rollbacks = rollbacks + 1
+        self._scale_lr(target_scale / self.lr_scale)
+        self.lr_scale = target_scale
+        self.pbar.n = self.state.step
+        self.pbar.refresh()
+        message = (f"step {failed_at}: {req.count} consecutive non-finite updates of optimizer {req.name!r}; rolled "
+                   f"back to {ckpt} (step {self.state.step}) and lowered the learning rate by "
+                   f"train.rollback_lr_factor={factor:g} to {self.tc.lr * self.lr_scale:g} (rollback {self.rollbacks} "
+                   f"of at most train.max_rollbacks={self.tc.max_rollbacks})")
+        warnings.warn(message, stacklevel=2)
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.state.step, "time": time.time(), "event": "rollback",
+                                    "failed_at": failed_at, "lr_scale": self.lr_scale, "message": message}) + "\n")
 
     def _load(self, ckpt: LoadedCheckpoint) -> None:
         acc = self.accelerator
         trainer = ckpt.json("trainer")
-        if trainer["num_processes"] != acc.num_processes or trainer["seed"] != self.cfg.run.seed:
-            warnings.warn(f"{ckpt.path} was written with {trainer['num_processes']} process(es) and seed "
-                          f"{trainer['seed']}; this run has {acc.num_processes} and seed {self.cfg.run.seed}, so the "
-                          f"data order after resuming differs from an uninterrupted run", stacklevel=2)
+        batch_index = int(trainer["batch_index"])
+        if trainer["num_processes"] != acc.num_processes:  # data are indexed by run-wide slot: convert the counter
+            slots = batch_index * int(trainer["num_processes"])
+            batch_index, rest = divmod(slots, acc.num_processes)
+            if rest:
+                warnings.warn(f"{ckpt.path} was written by {trainer['num_processes']} process(es) after {slots} "
+                              f"micro-batches, not a multiple of this run's {acc.num_processes} processes; the data "
+                              f"order after resuming differs slightly from an uninterrupted run", stacklevel=2)
+        if trainer["seed"] != self.cfg.run.seed:
+            warnings.warn(f"{ckpt.path} was written with seed {trainer['seed']}; this run has seed "
+                          f"{self.cfg.run.seed}, so the data order after resuming differs from an uninterrupted run",
+                          stacklevel=2)
         self.recipe.load_state_dict_from_checkpoint(recipe_state_groups(ckpt))
         if self.ema is not None:
             if ckpt.has("ema.safetensors"):
@@ -501,8 +692,16 @@ class _Trainer:
             self.schedulers[name].load_state_dict(opt_state["schedulers"][name])
         if acc.scaler is not None and opt_state.get("scaler"):
             acc.scaler.load_state_dict(opt_state["scaler"])
-        self.state = TrainerState(step=int(trainer["step"]), batch_index=int(trainer["batch_index"]))
-        self.guard.load_state_dict(trainer.get("guard", {}))
+        self.state = TrainerState(step=int(trainer["step"]), batch_index=batch_index)
+        guard = trainer.get("guard", {})
+        self.guard.load_state_dict(guard)
+        self.rollbacks = int(trainer.get("rollbacks", 0))
+        self.lr_scale = float(trainer.get("lr_scale", 1.0))
+        config_lr = float(trainer.get("config_lr", self.tc.lr))
+        if config_lr != self.tc.lr:  # the user changed train.lr on resume: apply it to the restored schedules
+            self._scale_lr(self.tc.lr / config_lr)
+            warnings.warn(f"train.lr changed from {config_lr:g} (in {ckpt.path}) to {self.tc.lr:g}; every learning "
+                          f"rate of the resumed run is scaled by {self.tc.lr / config_lr:g}", stacklevel=2)
         self.last_checkpoint = ckpt.path
         if self.is_main:
             self._truncate_metrics(self.state.step)

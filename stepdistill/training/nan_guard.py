@@ -67,6 +67,10 @@ class NonFiniteGuard:
             bad = reduce(bad.to(torch.float32)) > 0
         return bool(bad)
 
+    def discard_pending(self) -> None:
+        """Forget the loss flags of an update that is being abandoned (rollback)."""
+        self._bad.clear()
+
     def record(self, name: str, skipped: bool) -> bool:
         """Count the outcome of one update; True when ``name`` reached ``max_consecutive`` skips in a row."""
         if skipped:

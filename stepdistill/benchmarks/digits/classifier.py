@@ -97,7 +97,8 @@ def _random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> to
 
 
 def train_classifier(
-    train: DigitsSplit, steps: int = 1500, batch_size: int = 64, lr: float = 1e-3, seed: int = 1
+    train: DigitsSplit, steps: int = 1500, batch_size: int = 64, lr: float = 1e-3, seed: int = 1,
+    progress: bool = False,
 ) -> DigitClassifier:
     """Train a :class:`DigitClassifier` from a seeded init; deterministic for a fixed thread count."""
     torch.manual_seed(seed)
@@ -105,7 +106,12 @@ def train_classifier(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
-    for step in range(steps):
+    steps_iter = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps_iter = tqdm(steps_iter, desc="classifier", mininterval=5.0)
+    for step in steps_iter:
         batch = sample_batch(train, step, batch_size, seed=seed)
         x = _random_shift(batch.images, batch.generator)
         loss = F.cross_entropy(model(x), batch.labels)

@@ -12,17 +12,17 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TEACHER_NAMES = {
     "sd": "prompt-conditioned StableDiffusionPipeline (tiny AutoencoderKL + frozen CLIP text encoder + UNet2DConditionModel)",
     "dit": "class-conditional DiTPipeline (DiTTransformer2DModel on the same VAE latents)",
-    "unet": "class-conditional pixel-space UNet2DModel (DDPMPipeline-shaped folder; sample with sampling.sample_class_conditional)",
+    "unet": "class-conditional pixel-space UNet2DModel (DDPMPipeline-shaped folder; sample with sampling.sample_with_scheduler or resolve_teacher)",
 }
 
 
-def asset_path(name: str) -> Path:
-    """``assets/<name>``, or a clear error naming the build command when it is missing."""
+def asset_path(name: str, what: str | None = None) -> Path:
+    """``assets/<name>``, or a clear error naming the build command (``--what <what>``, default ``name``)."""
     path = ASSETS_DIR / name
     if not path.exists():
         raise FileNotFoundError(
             f"digits asset {name!r} is missing at {path}; build it with "
-            f"`python scripts/build_digits_assets.py --what {name}`"
+            f"`python scripts/build_digits_assets.py --what {what or name}`"
         )
     return path
 
@@ -34,7 +34,7 @@ def load_digits_teacher(name: str) -> Path:
     """
     if name not in TEACHER_NAMES:
         raise ValueError(f"unknown digits teacher {name!r}; choose one of {sorted(TEACHER_NAMES)}")
-    path = asset_path(f"teacher_{name}")
+    path = asset_path(f"teacher_{name}", what=name)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} has no model_index.json; rebuild with --what {name}")
     return path

@@ -34,17 +34,17 @@ LATENT_SIZE = IMAGE_SIZE // 2
 
 
 def build_vae() -> AutoencoderKL:
-    """A freshly initialised tiny ``AutoencoderKL`` (about 0.5M parameters)."""
+    """A freshly initialised tiny ``AutoencoderKL`` (about 0.17M parameters)."""
     return AutoencoderKL(
         in_channels=1,
         out_channels=1,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),
         layers_per_block=1,
         act_fn="silu",
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=IMAGE_SIZE,
         scaling_factor=1.0,
         force_upcast=False,
@@ -53,12 +53,13 @@ def build_vae() -> AutoencoderKL:
 
 def train_vae(
     train: DigitsSplit,
-    steps: int = 3000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
+    steps: int = 1000,
+    batch_size: int = 32,
+    lr: float = 2e-3,
     kl_weight: float = KL_WEIGHT,
     seed: int = 2,
     log_every: int = 500,
+    progress: bool = False,
 ) -> tuple[AutoencoderKL, list[dict]]:
     """Train :func:`build_vae` on ``train``; returns the model (eval mode, scaling factor fitted) and a log."""
     torch.manual_seed(seed)
@@ -67,7 +68,12 @@ def train_vae(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     n_pix = IMAGE_SIZE * IMAGE_SIZE
     log = []
-    for step in range(steps):
+    steps_iter = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps_iter = tqdm(steps_iter, desc="vae", mininterval=5.0)
+    for step in steps_iter:
         batch = sample_batch(train, step, batch_size, seed=seed)
         post = vae.encode(batch.images).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=batch.generator)

@@ -1,0 +1,184 @@
+"""FID / KID / CLIP-score code paths on randomly initialised networks of the real architectures (no downloads)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.evaluation import fid as fidmod
+from stepdistill.evaluation.clip_score import clip_score, load_clip
+
+
+@pytest.fixture(scope="module")
+def random_inception_file(tmp_path_factory):
+    """torch-fidelity's Inception-v3 with random weights, saved under the official file name."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+    finally:
+        mp.undo()
+    folder = tmp_path_factory.mktemp("inception")
+    path = folder / fidmod.INCEPTION_FILENAMES[0]
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_caches(tmp_path, monkeypatch):
+    """Point every cache the lookup consults at empty folders, so only explicit paths are found."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv(fidmod.ENV_VAR, raising=False)
+
+
+def test_missing_inception_weights_error_names_file_and_place():
+    with pytest.raises(fidmod.InceptionWeightsNotFound) as err:
+        fidmod.find_inception_weights()
+    msg = str(err.value)
+    assert "weights-inception-2015-12-05-6726825d.pth" in msg
+    assert "hub" in msg and "checkpoints" in msg and fidmod.ENV_VAR in msg
+
+
+def test_explicit_missing_path_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found at"):
+        fidmod.find_inception_weights(tmp_path / "nope.pth")
+
+
+def test_weights_found_in_torch_hub_and_env(random_inception_file, tmp_path, monkeypatch):
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / fidmod.INCEPTION_FILENAMES[1]).symlink_to(random_inception_file)
+    assert fidmod.find_inception_weights() == hub / fidmod.INCEPTION_FILENAMES[1]
+    monkeypatch.setenv(fidmod.ENV_VAR, str(random_inception_file.parent))
+    assert fidmod.find_inception_weights() == random_inception_file
+
+
+def test_to_uint8_rounds_and_repeats_grey():
+    x = torch.tensor([0.0, 0.5, 1.0, 1.2]).reshape(1, 1, 2, 2)
+    u = fidmod.to_uint8_rgb(x)
+    assert u.dtype == torch.uint8 and u.shape == (1, 3, 2, 2)
+    assert u[0, 0].flatten().tolist() == [0, 128, 255, 255]
+    hwc = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    assert fidmod.to_uint8_rgb(hwc).shape == (2, 3, 4, 4)
+
+
+def test_fid_kid_with_random_inception(random_inception_file):
+    # The distance uses the 64-d Inception block features: the 2048-d path is the same code, but torchmetrics'
+    # eigvals of a 2048x2048 float64 matrix takes minutes on a shared CPU.
+    ext = fidmod.load_inception(random_inception_file, features=64)
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(4, 3, 32, 32, generator=g)
+    gen_other = torch.rand(3, 1, 32, 32, generator=g) * 0.3
+    same = fidmod.compute_fid_kid(ref.clone(), ref, reference_name="random-4", extractor=ext, kid_subsets=5)
+    other = fidmod.compute_fid_kid(gen_other, ref, reference_name="random-4", extractor=ext, kid_subsets=5)
+    assert abs(same["fid"]) < 1e-3 * max(1.0, other["fid"])  # identical sets: FID ~ 0 (sqrtm round-off)
+    assert other["fid"] > 0 and np.isfinite(other["kid_mean"])
+    assert other["num_generated"] == 3 and other["num_reference"] == 4 and other["reference"] == "random-4"
+    assert other["kid_subset_size"] == 3 and other["statistics_dtype"] == "float64"
+    fe = other["feature_extractor"]
+    assert fe["weights"] == str(random_inception_file) and fe["official_weights"] is False
+    assert len(fe["weights_sha256"]) == 64
+
+    # FID by hand (Heusel et al. eq. 6) from the same float64 features.
+    fr, fg = ext(fidmod.to_uint8_rgb(ref)), ext(fidmod.to_uint8_rgb(gen_other))
+    mr, mg = fr.mean(0), fg.mean(0)
+    cr, cg = torch.cov(fr.T), torch.cov(fg.T)
+    tr_sqrt = torch.linalg.eigvals(cr @ cg).sqrt().real.sum()
+    expected = float((mr - mg).square().sum() + cr.trace() + cg.trace() - 2 * tr_sqrt)
+    assert other["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_pool_features_match_torch_fidelity(random_inception_file):
+    """The 2048-d features are torch-fidelity's: same numbers as its own extractor on the same uint8 images."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_fe
+
+    ext = fidmod.load_inception(random_inception_file)
+    assert ext.describe()["features"] == "pool3 2048-d"
+    ref_net = tf_fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                feature_extractor_weights_path=str(random_inception_file))
+    u = fidmod.to_uint8_rgb(torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(2)))
+    ours = ext(u)
+    assert ours.dtype == torch.float64 and ours.shape == (1, 2048)
+    assert torch.allclose(ours, ref_net(u)[0].double(), rtol=1e-4, atol=1e-5)
+
+
+def test_inception_file_with_wrong_content_is_rejected(tmp_path):
+    bad = tmp_path / fidmod.INCEPTION_FILENAMES[0]
+    torch.save({"fc.weight": torch.zeros(2, 2)}, bad)
+    with pytest.raises(ValueError, match="not an Inception-v3 state dict"):
+        fidmod.load_inception(bad)
+
+
+# ------------------------------------------------------------------------------------------------- CLIP score
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A randomly initialised open_clip CLIP (ViT image tower + transformer text tower, CLIP tokenizer) saved in
+    open_clip's local-dir layout, built with pretrained=None."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_CLIP_CFG,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_clip_score_from_local_folder_and_long_prompts(tiny_clip_dir):
+    scorer = load_clip(tiny_clip_dir)
+    long_prompt = " ".join(["a very long prompt about a handwritten digit"] * 40)
+    tokens, truncated = scorer.tokenize(["a cat", long_prompt])
+    assert tokens.shape == (2, 77) and truncated == 1
+    eot = scorer.tokenizer.eot_token_id
+    assert int(tokens[1, -1]) == eot  # EOT kept last after truncation
+    assert tokens[1, 1:76].tolist() == scorer.tokenizer.encode(long_prompt)[:75]
+    images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    res = clip_score(images, ["a cat", long_prompt, "a dog"], scorer, batch_size=2)
+    assert 0.0 <= res["clip_score"] <= 100.0 and res["num_pairs"] == 3 and res["truncated_prompts"] == 1
+    assert res["scale"].startswith("100") and res["context_length"] == 77 and res["weights"] == str(tiny_clip_dir)
+
+    # Reference computation of one pair by hand: 100 * max(cos, 0).
+    from PIL import Image
+
+    u = fidmod.to_uint8_rgb(images[:1])
+    pixel = scorer.preprocess(Image.fromarray(u[0].permute(1, 2, 0).numpy()))[None]
+    with torch.no_grad():
+        a = scorer.model.encode_image(pixel).double()
+        b = scorer.model.encode_text(scorer.tokenizer(["a cat"])).double()
+    cos = torch.nn.functional.cosine_similarity(a, b).item()
+    single = clip_score(images[:1], ["a cat"], scorer)
+    assert single["clip_score"] == pytest.approx(100 * max(cos, 0.0), rel=1e-6, abs=1e-9)
+
+
+def test_clip_checkpoint_file_with_builtin_backbone_name(tiny_clip_dir, tmp_path):
+    import open_clip
+
+    cfg = tmp_path / "stepdistill-test-tiny.json"
+    cfg.write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(cfg)
+    scorer = load_clip(tiny_clip_dir / "open_clip_model.safetensors", backbone="stepdistill-test-tiny")
+    res = clip_score(torch.rand(2, 1, 16, 16), ["handwritten 3", "the number four"], scorer)
+    assert res["backbone"] == "stepdistill-test-tiny" and res["num_pairs"] == 2
+    with pytest.raises(ValueError, match="backbone"):
+        load_clip(tiny_clip_dir / "open_clip_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+        load_clip(tmp_path / "missing.safetensors", backbone="ViT-B-32")
