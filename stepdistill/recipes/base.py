@@ -98,6 +98,21 @@ class Recipe(abc.ABC):
     def load_state_dict_from_checkpoint(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Inverse of :meth:`state_dict_for_checkpoint` (load in place)."""
 
+    def default_conditions(self, num: int):
+        """``num`` sampling conditions, cycled from ``recipe.sample_conditions`` or, when none were configured, from the
+        first training batch (:meth:`remember_conditions`). Class labels come back as a tensor, prompts as a list."""
+        conds = getattr(self, "_sample_conditions", None)
+        if not conds:
+            raise ValueError("no sample conditions: set recipe.sample_conditions (prompts or class labels)")
+        conds = (list(conds) * num)[:num]
+        return torch.tensor(conds) if isinstance(conds[0], int) else conds
+
+    def remember_conditions(self, batch) -> None:
+        """Keep the first training batch's conditions as the default sampling conditions if none were configured."""
+        if not getattr(self, "_sample_conditions", None):
+            c = batch["conditions"]
+            self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
+
     def sample(self, num: int, generator: torch.Generator, **kw) -> torch.Tensor:
         """``num`` student samples in [-1, 1]: ``(N, C, H, W)`` images or ``(N, 2)`` points."""
         raise NotImplementedError(f"recipe {self.name!r} does not sample")

@@ -311,18 +311,6 @@ class DMD2Recipe(Recipe):
             return [self.grid[0]]
         return [int(v) for v in torch.linspace(self.grid[0], 0, steps + 1)[:-1].round().tolist()]
 
-    def default_conditions(self, num: int):
-        conds = self._sample_conditions
-        if not conds:
-            raise ValueError("no sample conditions: set recipe.sample_conditions")
-        conds = (list(conds) * num)[:num]
-        return torch.tensor(conds) if isinstance(conds[0], int) else conds
-
-    def remember_conditions(self, batch) -> None:
-        if not self._sample_conditions:
-            c = batch["conditions"]
-            self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
-
     @torch.no_grad()
     def sample(self, num, generator, conditions=None, steps: int | None = None, guidance_scale: float | None = None,
                timesteps: list[int] | None = None):

@@ -138,9 +138,7 @@ class GuidanceDistillRecipe(ProgressiveRecipe):
             return super().training_step(batch, step, generator)
         from .progressive import path_coefficients
 
-        if not self._sample_conditions:
-            c = batch["conditions"]
-            self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
+        self.remember_conditions(batch)
         dev = self.device
         x0 = self.teacher.codec.encode(batch["images"].to(dev)).float()
         cond, uncond = self.teacher.encode_conditions(batch["conditions"], dev)

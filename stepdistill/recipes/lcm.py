@@ -232,20 +232,6 @@ class LCMRecipe(Recipe):
         cfg.pop("clip_sample_range", None)
         return LCMScheduler.from_config(cfg)
 
-    def default_conditions(self, num: int):
-        conds = self._sample_conditions
-        if not conds:
-            raise ValueError("no sample conditions: set recipe.sample_conditions")
-        conds = (list(conds) * num)[:num]
-        if isinstance(conds[0], int):
-            return torch.tensor(conds)
-        return conds
-
-    def remember_conditions(self, batch) -> None:
-        if not self._sample_conditions:
-            c = batch["conditions"]
-            self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
-
     @torch.no_grad()
     def sample(self, num, generator, conditions=None, steps: int | None = None, guidance_scale: float | None = None):
         """Student samples with the stock ``LCMScheduler`` (the same update the exported pipeline runs)."""

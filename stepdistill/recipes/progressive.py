@@ -276,9 +276,7 @@ class ProgressiveRecipe(Recipe):
 
     def training_step(self, batch, step, generator):
         self.advance_to(self.stage_of(step))
-        if not self._sample_conditions:
-            c = batch["conditions"]
-            self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
+        self.remember_conditions(batch)
         dev = self.device
         x0 = self.teacher.codec.encode(batch["images"].to(dev))
         cond, uncond = self.teacher.encode_conditions(batch["conditions"], dev)
@@ -360,13 +358,6 @@ class ProgressiveRecipe(Recipe):
             yield
         finally:
             net.load_state_dict(saved)
-
-    def default_conditions(self, num: int):
-        conds = self._sample_conditions
-        if not conds:
-            raise ValueError("no sample conditions: set recipe.sample_conditions")
-        conds = (list(conds) * num)[:num]
-        return torch.tensor(conds) if isinstance(conds[0], int) else conds
 
     def student_guidance_input(self, num: int, guidance_scale: float | None) -> Tensor | None:
         w = float(self.options.guidance_scale)

@@ -420,18 +420,6 @@ class SCMRecipe(Recipe):
             unwrap(self.logvar).load_state_dict(state["logvar"])
 
     # ------------------------------------------------------------------ sampling and export
-    def default_conditions(self, num: int):
-        conds = self._sample_conditions
-        if not conds:
-            raise ValueError("no sample conditions: set recipe.sample_conditions")
-        conds = (list(conds) * num)[:num]
-        return torch.tensor(conds) if isinstance(conds[0], int) else conds
-
-    def remember_conditions(self, batch) -> None:
-        if not self._sample_conditions:
-            c = batch["conditions"]
-            self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
-
     def consistency(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """``f_theta(x_t, t)``."""
         F_out = self.student(x_t / self.options.sigma_data, t, cond)

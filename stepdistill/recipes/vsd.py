@@ -236,18 +236,6 @@ class VSDRecipe(Recipe):
         self.fake.load_state_dict(state["fake_score"])
 
     # ------------------------------------------------------------------ sampling and export
-    def default_conditions(self, num: int):
-        conds = self._sample_conditions
-        if not conds:
-            raise ValueError("no sample conditions: set recipe.sample_conditions")
-        conds = (list(conds) * num)[:num]
-        return torch.tensor(conds) if isinstance(conds[0], int) else conds
-
-    def remember_conditions(self, batch) -> None:
-        if not self._sample_conditions:
-            c = batch["conditions"]
-            self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
-
     @torch.no_grad()
     def sample(self, num, generator, conditions=None, steps: int | None = None, guidance_scale: float | None = None):
         """One-step samples: ``randn`` from ``generator``, one student evaluation at t*, x0. The guidance is
