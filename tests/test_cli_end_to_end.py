@@ -46,3 +46,18 @@ def test_missing_teacher_folder_is_reported(tmp_path):
                 f"run.output_dir={tmp_path / 'r'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "model_index.json" in proc.stderr
+
+
+def test_sample_grid_without_sample_conditions_uses_the_training_conditions(tmp_path):
+    """With ``recipe.sample_conditions`` empty the grid uses the first batch's conditions, and the checkpoint of the
+    same step is written before the grid (a failing grid must never cost a finished checkpoint)."""
+    text = (REPO / "recipes/lcm/tiny-sd.yaml").read_text()
+    assert ', sample_conditions: ["a cat", "a dog"]' in text
+    cfg = tmp_path / "no-conditions.yaml"
+    cfg.write_text(text.replace(', sample_conditions: ["a cat", "a dog"]', ""))
+    run_dir = tmp_path / "run"
+    proc = _cli("train", str(cfg), f"run.output_dir={run_dir}", "train.max_steps=2", "train.sample_every=2",
+                "train.sample_num=2", "--no-export", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "samples" / "step-0000002.png").is_file()
+    assert (run_dir / "checkpoints" / "step-0000002" / "manifest.json").is_file()

@@ -109,9 +109,10 @@ class Recipe(abc.ABC):
 
     def remember_conditions(self, batch) -> None:
         """Keep the first training batch's conditions as the default sampling conditions if none were configured."""
-        if not getattr(self, "_sample_conditions", None):
-            c = batch["conditions"]
-            self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
+        if getattr(self, "_sample_conditions", None) or not isinstance(batch, dict) or batch.get("conditions") is None:
+            return
+        c = batch["conditions"]
+        self._sample_conditions = c.tolist() if torch.is_tensor(c) else list(c)
 
     def sample(self, num: int, generator: torch.Generator, **kw) -> torch.Tensor:
         """``num`` student samples in [-1, 1]: ``(N, C, H, W)`` images or ``(N, 2)`` points."""

@@ -401,10 +401,11 @@ class _Trainer:
                 self.pbar.update(1)
                 if step % tc.log_every == 0 or step == tc.max_steps:
                     self._log()
-                if self.sampling_enabled and step % tc.sample_every == 0:
-                    self._sample(step)
+                # checkpoint before the sample grid, so that a failing grid never costs a finished checkpoint
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
                     self._save(step)
+                if self.sampling_enabled and step % tc.sample_every == 0:
+                    self._sample(step)
         finally:
             self.pbar.close()
             acc.end_training()
@@ -433,6 +434,7 @@ class _Trainer:
                 raise RuntimeError(f"the data iterator ran out at micro-batch {self.state.batch_index}; "
                                    f"data factories must be infinite (step-indexed)") from None
             batch = move_to_device(batch, acc.device)
+            recipe.remember_conditions(batch)  # default sample-grid conditions when recipe.sample_conditions is empty
             slot = global_batch_index(self.state.batch_index, self.rank, acc.num_processes)
             generator = step_generator(self.cfg.run.seed, slot, stream="noise")
             with acc.accumulate(*self.modules.values()):
