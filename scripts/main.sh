@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the bundled defaults: set up, distill the bundled teachers, evaluate, write eval/RESULTS.md.
-#   bash scripts/main.sh            toy2d (minutes) + digits LCM (about 15-45 min on 2 CPU cores)
+#   bash scripts/main.sh            toy2d (minutes) + digits LCM (about 10 min on 2 CPU cores)
 #   SKIP_DIGITS=1 bash scripts/main.sh   toy2d only
 set -euo pipefail
 cd "$(dirname "$0")/.."
