@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..diffusion.processes import DiscreteVP, diffusers_prediction_type
+from ..diffusion.processes import diffusers_prediction_type
 from ..models.backbones import unwrap
 from ..models.denoiser import Denoiser
 from ..models.student import UNET_LORA_TARGETS
 from ..models.teacher_io import TeacherBundle
 from .base import Recipe, StepOutput, register_recipe
 from .gan_head import BottleneckFeatures, gan_discriminator_loss, gan_generator_loss, make_gan_head
-from .score_distill import FakeScore, dm_gradient, draw_timesteps, fake_denoising_loss, generator_backbone, \
-    guided_predict, sample_stats, surrogate_loss
+from .score_distill import build_generator_and_fake_score, discrete_vp_process, dm_gradient, draw_timesteps, \
+    fake_denoising_loss, guided_predict, sample_stats, surrogate_loss
 
 __all__ = ["DMD2Options", "DMD2Recipe", "renoise_rollout"]
 
@@ -136,20 +136,12 @@ class DMD2Recipe(Recipe):
 
     def __init__(self, teacher: TeacherBundle, options: DMD2Options, device: torch.device | str = "cpu"):
         options.validate()
-        process = teacher.denoiser.process
-        if not isinstance(process, DiscreteVP):
-            raise ValueError(f"this DMD2 implementation needs a discrete VP teacher (integer timesteps); this teacher's "
-                             f"process is {process.kind}")
+        process = discrete_vp_process(teacher, "DMD2")
         if max(options.timesteps) >= process.num_train_timesteps:
             raise ValueError(f"recipe.timesteps {options.timesteps} exceed the teacher's {process.num_train_timesteps} "
                              f"training timesteps")
         self.options, self.teacher, self.device, self.process = options, teacher, torch.device(device), process
-        # the generator first: a LoRA fake score is added to the teacher's own backbone
-        self.student = Denoiser(generator_backbone(teacher, options.student_init_path).to(self.device), process,
-                                teacher.student_prediction)
-        self.fake = FakeScore(teacher, options.fake_score, options.fake_lora_rank, options.fake_lora_alpha,
-                              options.fake_lora_targets)
-        self.fake.denoiser.to(self.device)
+        self.student, self.fake = build_generator_and_fake_score(teacher, options, self.device)
         if options.gradient_checkpointing:
             for net in (self.student.backbone, self.fake.denoiser.backbone if options.fake_score == "full" else None):
                 if net is not None and hasattr(unwrap(net), "enable_gradient_checkpointing"):

@@ -24,13 +24,15 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
+from ..diffusion.processes import DiscreteVP
 from ..models.backbones import unwrap
 from ..models.conditioning import Conditioning
 from ..models.denoiser import Denoiser
 from ..models.student import add_lora, adapters_disabled, copy_backbone, freeze
 
 __all__ = ["dm_gradient", "vsd_gradient", "surrogate_loss", "draw_timesteps", "drop_conditions", "guided_predict",
-           "fake_denoising_loss", "sample_stats", "generator_backbone", "FakeScore", "load_unet_from"]
+           "fake_denoising_loss", "sample_stats", "generator_backbone", "FakeScore", "load_unet_from",
+           "discrete_vp_process", "build_generator_and_fake_score"]
 
 
 def dm_gradient(x0_gen: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
@@ -190,3 +192,24 @@ class FakeScore:
                 raise RuntimeError(f"fake-score LoRA checkpoint does not match: unexpected={unexpected[:5]}")
         else:
             net.load_state_dict(state)
+
+
+def discrete_vp_process(teacher, recipe: str) -> DiscreteVP:
+    """The teacher's process, which score-distillation recipes need to be a discrete VP (integer timesteps)."""
+    process = teacher.denoiser.process
+    if not isinstance(process, DiscreteVP):
+        raise ValueError(f"this {recipe} implementation needs a discrete VP teacher (integer timesteps); this teacher's "
+                         f"process is {process.kind}")
+    return process
+
+
+def build_generator_and_fake_score(teacher, options, device: torch.device) -> tuple[Denoiser, "FakeScore"]:
+    """The generator (:func:`generator_backbone` on ``device``) and the :class:`FakeScore` from the recipe's
+    ``student_init_path`` and ``fake_*`` options. The generator is built first: a LoRA fake score is added to the
+    teacher's own backbone, which the generator copy must not carry."""
+    student = Denoiser(generator_backbone(teacher, options.student_init_path).to(device), teacher.denoiser.process,
+                       teacher.student_prediction)
+    fake = FakeScore(teacher, options.fake_score, options.fake_lora_rank, options.fake_lora_alpha,
+                     options.fake_lora_targets)
+    fake.denoiser.to(device)
+    return student, fake

@@ -33,15 +33,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..diffusion.processes import DiscreteVP
 from ..models.backbones import unwrap
-from ..models.denoiser import Denoiser
 from ..models.teacher_io import TeacherBundle
 from .base import Recipe, StepOutput, register_recipe
 from .clip_loss import ClampedClipLoss
 from .dmd2 import renoising_scheduler
-from .score_distill import FakeScore, draw_timesteps, drop_conditions, fake_denoising_loss, generator_backbone, \
-    guided_predict, load_unet_from, sample_stats, surrogate_loss, vsd_gradient
+from .score_distill import build_generator_and_fake_score, discrete_vp_process, draw_timesteps, drop_conditions, \
+    fake_denoising_loss, guided_predict, load_unet_from, sample_stats, surrogate_loss, vsd_gradient
 
 __all__ = ["VSDOptions", "VSDRecipe", "merge_weights"]
 
@@ -135,21 +133,13 @@ class VSDRecipe(Recipe):
 
     def __init__(self, teacher: TeacherBundle, options: VSDOptions, device: torch.device | str = "cpu"):
         options.validate()
-        process = teacher.denoiser.process
-        if not isinstance(process, DiscreteVP):
-            raise ValueError(f"this VSD implementation needs a discrete VP teacher (integer timesteps); this teacher's "
-                             f"process is {process.kind}")
+        process = discrete_vp_process(teacher, "VSD")
         T = process.num_train_timesteps
         if not 0 <= options.conditioning_timestep < T or options.t_max >= T:
             raise ValueError(f"recipe.conditioning_timestep and recipe.t_max must be below the teacher's {T} timesteps")
         self.options, self.teacher, self.device, self.process = options, teacher, torch.device(device), process
         self.clip = ClampedClipLoss.from_options(options, self.device) if options.clip_weight > 0 else None
-        # the generator first: a LoRA fake score is added to the teacher's own backbone
-        self.student = Denoiser(generator_backbone(teacher, options.student_init_path).to(self.device), process,
-                                teacher.student_prediction)
-        self.fake = FakeScore(teacher, options.fake_score, options.fake_lora_rank, options.fake_lora_alpha,
-                              options.fake_lora_targets)
-        self.fake.denoiser.to(self.device)
+        self.student, self.fake = build_generator_and_fake_score(teacher, options, self.device)
         if options.gradient_checkpointing and hasattr(unwrap(self.student.backbone), "enable_gradient_checkpointing"):
             unwrap(self.student.backbone).enable_gradient_checkpointing()
         teacher.denoiser.to(self.device)
