@@ -264,6 +264,11 @@ class TeacherBundle:
         self.codec = codec or IdentityCodec()
         self.pipeline = pipeline
 
+    def student_seed(self) -> torch.nn.Module:
+        """What a student is copied from: a fresh ``make_student()`` when the teacher's weights cannot seed one (the
+        analytic toy teacher), otherwise the teacher's own backbone (not copied here)."""
+        return self.make_student() if self.make_student is not None else self.denoiser.backbone
+
     @classmethod
     def from_pipeline(cls, pipe, resolution: int | None = None) -> "TeacherBundle":
         backbone = getattr(pipe, pipeline_backbone_name(pipe))

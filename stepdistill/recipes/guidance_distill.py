@@ -98,11 +98,7 @@ class GuidanceDistillRecipe(ProgressiveRecipe):
         kind = type(unwrap(base)).__name__
         if kind == "UNet2DConditionModel":
             return with_guidance_embedding(base, self.options.guidance_embed_dim)
-        if self.teacher.make_student is not None:
-            seed = self.teacher.make_student()
-        else:
-            seed = base
-        student = copy_backbone(seed)
+        student = copy_backbone(self.teacher.student_seed())
         if not hasattr(student, "add_guidance_embedding"):
             raise ValueError(f"guidance distillation needs a student that takes the guidance strength as an input: a "
                              f"UNet2DConditionModel (time_cond_proj_dim) or the toy ToyMLP; this teacher is {kind}")

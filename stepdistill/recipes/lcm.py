@@ -125,7 +125,7 @@ class LCMRecipe(Recipe):
             student_backbone = base
             self.target = None
         else:
-            seed = teacher.make_student() if teacher.make_student is not None else base
+            seed = teacher.student_seed()
             self.embeds_guidance = type(unwrap(seed)).__name__ in ("UNet2DConditionModel", "ToyMLP")
             if self.embeds_guidance and type(unwrap(seed)).__name__ == "UNet2DConditionModel":
                 student_backbone = with_guidance_embedding(seed, options.guidance_embed_dim)

@@ -222,8 +222,7 @@ class ProgressiveRecipe(Recipe):
         return [Stage("pd", n, r * o.steps_per_round) for r, n in enumerate(round_schedule(o.teacher_steps, o.final_steps))]
 
     def make_student_backbone(self) -> nn.Module:
-        seed = self.teacher.make_student() if self.teacher.make_student is not None else self.teacher.denoiser.backbone
-        return copy_backbone(seed)
+        return copy_backbone(self.teacher.student_seed())
 
     # ------------------------------------------------------------------ protocol
     def trainable_modules(self):

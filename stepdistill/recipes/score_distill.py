@@ -139,12 +139,7 @@ def load_unet_from(path: str, like: nn.Module) -> nn.Module:
 def generator_backbone(teacher, init_path: str | None = None) -> nn.Module:
     """The trainable generator: a float32 copy of the teacher (or of ``init_path``), or a fresh toy student when the
     teacher cannot seed one (the analytic toy2d teacher; ``teacher.make_student``)."""
-    if init_path:
-        net = load_unet_from(init_path, teacher.denoiser.backbone)
-    elif teacher.make_student is not None:
-        net = teacher.make_student()
-    else:
-        net = teacher.denoiser.backbone
+    net = load_unet_from(init_path, teacher.denoiser.backbone) if init_path else teacher.student_seed()
     return copy_backbone(net)
 
 
