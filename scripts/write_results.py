@@ -9,6 +9,9 @@ Every ``*.json`` is read (sorted by file name) and recognised by its content:
   recipe x steps x SW2 / noise floor / ratio / MMD / mode-weight error / paired error;
 * digits (``stepdistill eval MODEL --suite digits --json``: ``suite == "digits"``, ``rows``) -> one table,
   row (teacher / student recipe / solver) x steps x NFE x domain FID x class accuracy x speedup, plus the sample grids;
+* speed (``stepdistill bench speed ... --json eval/results/speed-<recipe>-<model>.json``: ``bench == "speed"``)
+  -> one summary table (training-update time / sum of unavoidable calls, peak memory, sampling speedups) and a
+  per-call breakdown per result;
 * anything else is listed under "Other results" with a link.
 
 The figure plots quality against NFE: toy2d SW2 / floor (left) and digits domain FID (right), one line per recipe,
@@ -45,6 +48,8 @@ def classify(data) -> str:
         return "digits"
     if "sw2_floor" in data and isinstance(data.get("results"), list) and "recipe" in data:
         return "toy2d"
+    if data.get("bench") == "speed" and isinstance(data.get("calls"), list):
+        return "speed"
     return "other"
 
 
@@ -84,6 +89,26 @@ def toy2d_table(items: list[tuple[Path, dict]], base: Path) -> list[str]:
                 f"{row.get('steps', '-')} | {_fmt(row.get('nfe'), 'g')} | {_fmt(row.get('sw2'))} | {_fmt(floor)} | "
                 f"{_fmt(ratio, '.2f')} | {_fmt(row.get('mmd'))} | {_fmt(row.get('mode_weight_err'), '.3f')} | "
                 f"{_fmt(row.get('paired_error'), '.3f')} | {_fmt(passed)} | [{f.name}]({_rel(f, base)}) |")
+    return lines + recipe_metrics_tables(items, base)
+
+
+def recipe_metrics_tables(items: list[tuple[Path, dict]], base: Path) -> list[str]:
+    """Recipe-specific toy2d criteria (a bench JSON's ``recipe_metrics``), e.g. AGD's eps error along CFG trajectories
+    (spec C.4: <= 5% of ||eps_cfg||)."""
+    lines: list[str] = []
+    for f, r in items:
+        m = r.get("recipe_metrics")
+        if not isinstance(m, dict) or not isinstance(m.get("rows"), list):
+            continue
+        lines += ["", f"### {r['recipe']} ({r.get('mixture', '-')}): {m.get('metric', '')}", "",
+                  "| w | rel. eps error | per-state mean ratio | conditional pass only (no adapters) | states | "
+                  "pass (<= 5%) | source |", "|---|---|---|---|---|---|---|"]
+        for row in m["rows"]:
+            err = row.get("rel_err")
+            lines.append(f"| {_fmt(row.get('w'), 'g')} | {_fmt(err, '.4f')} | "
+                         f"{_fmt(row.get('rel_err_per_state'), '.4f')} | "
+                         f"{_fmt(row.get('cond_only_rel_err'), '.4f')} | {row.get('states', '-')} | "
+                         f"{_fmt(None if err is None else err <= 0.05)} | [{f.name}]({_rel(f, base)}) |")
     return lines
 
 
@@ -121,6 +146,89 @@ def digits_table(items: list[tuple[Path, dict]], base: Path) -> list[str]:
                 lines.append(f"- {_digits_row_label(row)}, {row.get('steps')} steps: "
                              f"![{row['name']} {row.get('steps')} steps]({_rel(f.parent / row['grid'], base)})")
         lines.append("")
+    return lines
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def _speed_label(r: dict) -> str:
+    notes = [r["variant"]] if r.get("variant") else []
+    notes += [f"fake score: {r['fake_score']}"] if r.get("fake_score") else []
+    return f"{r.get('recipe', '?')} ({', '.join(notes)})" if notes else str(r.get("recipe", "?"))
+
+
+def speed_table(items: list[tuple[Path, dict]], base: Path) -> list[str]:
+    """Training-update overhead, peak memory and sampling speedup, one row per ``bench speed`` JSON."""
+    first = items[0][1]
+    lines = ["## Speed (training-update overhead and sampling speedup)", "",
+             f"Overhead ratio = median training-update time / sum of its unavoidable parts (target <= "
+             f"{first.get('overhead_target', 1.15)}x). Unavoidable: {first.get('unavoidable_definition', '-')} "
+             "Sampling speedup: teacher seconds per image (its default steps with CFG) / student seconds per image, "
+             "same process, stock pipeline calls (text encoder, denoiser, VAE decoder); the issue #8 targets (1-step "
+             ">= 60x, 4-step >= 20x) are meant for the digits teachers and are marked wherever a row misses them. "
+             "Per-call costs (text encoding, VAE decoding, pipeline set-up) weigh more at small sampling batches, so "
+             "compare speedups at the same sampling batch (see the sampling table). All rows were measured on the "
+             "CPU unless the device column says otherwise; GPU numbers are still to be measured.", "",
+             "The per-round median (update / sum within each interleaved round) is a cross-check: where it differs "
+             "from the ratio by more than a few percent, load on the shared machine drifted during the run.", "",
+             "| recipe | model | device | threads | batch | update ms | sum of calls ms | overhead ratio | "
+             "per-round median | <= target | peak mem delta MiB | speedup 1-step | speedup 2-step | speedup 4-step | "
+             "source |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f, r in items:
+        rows = {row["steps"]: row for row in (r.get("sampling") or {}).get("rows", []) if row.get("model") == "student"}
+
+        def speed(k: int) -> str:
+            row = rows.get(k)
+            if row is None:
+                return "-"
+            mark = "" if "meets_target" not in row else (" (ok)" if row["meets_target"] else
+                                                         f" (< {row['target_speedup']:g}x)")
+            return f"{row['speedup_vs_teacher']:.1f}x{mark}"
+
+        mem = (r.get("memory") or {}).get("delta_bytes")
+        lines.append(
+            f"| {_speed_label(r)} | {r.get('model', '?')} | {r.get('device', '?')} | {r.get('threads', '-')} | "
+            f"{r.get('batch_size', '-')} | {_ms(r['step']['median_s'])} | {_ms(r.get('sum_of_calls_s'))} | "
+            f"{_fmt(r.get('overhead_ratio'), '.3f')} | {_fmt(r.get('overhead_ratio_round_median'), '.3f')} | "
+            f"{_fmt(r.get('meets_overhead_target'))} | "
+            f"{_fmt(None if mem is None else mem / 2**20, '.1f')} | {speed(1)} | {speed(2)} | {speed(4)} | "
+            f"[{f.name}]({_rel(f, base)}) |")
+    lines += ["", "Per-call breakdown (medians; `bwd` only for calls whose output received a gradient):", ""]
+    for f, r in items:
+        parts = [f"{c['network']}.{c['method']}{' jvp' if c.get('kind') == 'jvp' else ''}"
+                 f"{' [adapters off]' if c.get('adapters_off') else ''}: {_ms(c['forward_s'])}"
+                 + (f"+{_ms(c['backward_s'])} bwd" if c.get("backward") else "")
+                 + ("" if c.get("counted", True) else " (constant input: avoidable, not in the sum)")
+                 for c in r["calls"]]
+        parts += [f"optimizer {o['optimizer']}.step: {_ms(o['step_s'])}" for o in r.get("optimizer_steps", [])]
+        extra = [f"{n['what']}: {_ms(n['median_s'])}" for n in r.get("not_counted", [])]
+        line = f"- {_speed_label(r)} on `{r.get('model')}` (ms): " + "; ".join(parts)
+        if extra:
+            line += "; not counted: " + "; ".join(extra)
+        lines.append(line)
+    samples = [(f, r) for f, r in items if (r.get("sampling") or {}).get("rows")]
+    errors = [(f, r) for f, r in items if (r.get("sampling") or {}).get("error")]
+    if errors:
+        lines += ["", "Sampling not measured:", ""]
+        lines += [f"- {_speed_label(r)} on `{r.get('model')}`: {r['sampling']['error']}" for f, r in errors]
+    if samples:
+        lines += ["", "Sampling (seconds per image; teacher at its default steps with CFG):", "",
+                  "| recipe | model | student | sampling batch | teacher steps x NFE | teacher s/img | "
+                  "student steps: s/img (speedup) |",
+                  "|---|---|---|---|---|---|---|"]
+        for f, r in samples:
+            s = r["sampling"]
+            teacher = next(row for row in s["rows"] if row["model"] == "teacher")
+            students = ", ".join(f"{row['steps']}: {row['sec_per_image']:.4f} ({row['speedup_vs_teacher']:.1f}x)"
+                                 for row in s["rows"] if row["model"] == "student")
+            src = str(s.get("student_source", "?")).split(":", 1)[0]
+            lines.append(f"| {_speed_label(r)} | {r.get('model')} | {src} | {s.get('batch_size', '-')} | "
+                         f"{teacher['steps']} x "
+                         f"{teacher['nfe_per_image']:g} | {teacher['sec_per_image']:.4f} | {students} |")
+    lines.append("")
     return lines
 
 
@@ -183,11 +291,12 @@ def render(results_dir: Path, out: Path, figure: Path) -> str:
     items = load_results(results_dir)
     toy = [(f, d) for f, d, k in items if k == "toy2d"]
     digits = [(f, d) for f, d, k in items if k == "digits"]
+    speed = [(f, d) for f, d, k in items if k == "speed"]
     other = [(f, d, k) for f, d, k in items if k in ("other", "invalid")]
     lines = ["# stepdistill results", "",
              f"Generated by `python scripts/write_results.py` from `{_rel(results_dir, base)}/*.json`; "
              "rerun `bash scripts/main.sh` to reproduce. Do not edit by hand.", ""]
-    if not toy and not digits:
+    if not toy and not digits and not speed:
         lines += ["No benchmark results yet: run `bash scripts/main.sh`.", ""]
     if write_figure(toy, digits, figure):
         lines += [f"![quality vs NFE]({_rel(figure, base)})", ""]
@@ -195,13 +304,15 @@ def render(results_dir: Path, out: Path, figure: Path) -> str:
         lines += toy2d_table(toy, base) + [""]
     if digits:
         lines += digits_table(digits, base)
+    if speed:
+        lines += speed_table(speed, base)
     if other:
         lines += ["## Other results", ""]
         for f, d, k in other:
             note = " (not valid JSON)" if k == "invalid" else ""
             lines.append(f"- [{f.name}]({_rel(f, base)}){note}")
         lines.append("")
-    cmds = [(f, d) for f, d, k in items if k in ("toy2d", "digits")]
+    cmds = [(f, d) for f, d, k in items if k in ("toy2d", "digits", "speed")]
     if cmds:
         lines += ["## Commands", "", "Each JSON records the command that produced it:", ""]
         for f, d in cmds:

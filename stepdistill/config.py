@@ -1,9 +1,10 @@
 """Run configuration: a YAML file plus ``key=value`` overrides, validated before any model loads.
 
-A run config has six sections (nested dataclasses below, each field documented where it is declared)::
+A run config has seven sections (nested dataclasses below, each field documented where it is declared)::
 
     run:     {output_dir, name, seed, resume}
     teacher: {path, dtype, variant}
+    model:   {attention_backend, fuse_qkv}                # how every network of the run computes attention
     recipe:  {name, ...options of that recipe}        # validated against the recipe's own options dataclass
     data:    {kind, path, batch_size, resolution, channels, conditioning, num_workers, ...}
     train:   {max_steps, lr, lr_scheduler, ..., ema_decay, checkpoint_every, ...}
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "ExportSection",
+    "ModelSection",
     "RecipeSection",
     "RunConfig",
     "RunSection",
@@ -110,10 +112,31 @@ class TeacherSection:
 
     path: str = ""
     """A local Diffusers pipeline/model folder, a repo id already in the local HF cache, or a builtin teacher name."""
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    """Dtype the frozen teacher runs in."""
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"
+    """Dtype the frozen teacher runs in; 'auto' = bf16 on a CUDA device that supports it, fp32 otherwise (CPU)."""
     variant: str | None = None
     """Diffusers weight variant to load (e.g. 'fp16'), if the folder has several."""
+
+
+@dataclass
+class ModelSection:
+    """How the run's networks (student, teacher, fake scores) compute attention (``stepdistill.models.attention_backends``).
+    The backend each attention layer really uses is logged at the start and written to ``attention_backends.json``."""
+
+    attention_backend: str = "sdpa"
+    """'sdpa' (PyTorch scaled_dot_product_attention, automatic kernel), 'math' (unfused), 'xformers' (CUDA + the
+    xformers package), 'jvp' (forward-AD capable; sCM installs it on its student by itself), or a Diffusers dispatcher
+    backend name ('flash', '_native_flash', '_native_efficient', 'sage', ...), which only layers using Diffusers'
+    dispatcher honour (the report names the layers that do not)."""
+    fuse_qkv: bool = False
+    """Fuse the query/key/value projections of frozen networks (the teacher) where Diffusers can; trained networks
+    are never fused (their exported to_q/to_k/to_v would go stale)."""
+
+    def __post_init__(self):
+        from .models.attention_backends import check_backend_name
+
+        problem = check_backend_name(self.attention_backend)
+        _raise_if([f"attention_backend: {problem}"] if problem else [])
 
 
 @dataclass
@@ -217,6 +240,14 @@ class TrainSection:
     """accelerate trackers; 'auto' = tensorboard when installed, none otherwise; [] = none."""
     ddp_find_unused_parameters: bool = False
     """Passed to DistributedDataParallel (multi-process only)."""
+    compile: bool = False
+    """torch.compile the trained networks and the frozen teacher backbone (not networks differentiated with
+    torch.func.jvp, e.g. sCM's student). The first steps are slow while it compiles."""
+    gradient_checkpointing: bool = False
+    """Gradient checkpointing on every trained Diffusers backbone (recomputes activations in backward: less memory,
+    about 30% more compute). Recipes' own recipe.gradient_checkpointing options keep working alongside."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """channels_last memory format for UNet backbones; 'auto' = on for UNets on CUDA only (it slows CPU convs)."""
 
     def __post_init__(self):
         p: list[str] = []
@@ -263,6 +294,7 @@ class RunConfig:
     recipe: RecipeSection
     run: RunSection = field(default_factory=RunSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     export: ExportSection = field(default_factory=ExportSection)
@@ -272,7 +304,7 @@ class RunConfig:
         return Path(self.run.output_dir)
 
 
-_SECTIONS = ("run", "teacher", "recipe", "data", "train", "export")
+_SECTIONS = ("run", "teacher", "model", "recipe", "data", "train", "export")
 
 
 # ------------------------------------------------------------------------------------------- recipe option registry

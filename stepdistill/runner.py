@@ -18,7 +18,7 @@ from .config import RunConfig, load_config
 from .models.teacher_io import TeacherBundle, load_pipeline
 from .recipes.base import Recipe, get_recipe_class
 
-__all__ = ["resolve_teacher", "build_recipe", "run_training", "export_run", "default_device", "CONFIG_FILE"]
+__all__ = ["resolve_teacher", "teacher_dtype", "build_recipe", "run_training", "export_run", "default_device", "CONFIG_FILE"]
 
 CONFIG_FILE = "config.yaml"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,6 +28,17 @@ def default_device() -> torch.device:
     from .training.loop import process_state  # CPU-aware: multi-process runs on GPU-less machines use gloo
 
     return process_state().device
+
+
+def teacher_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """The torch dtype of ``teacher.dtype``; 'auto' = bf16 on a CUDA device that supports it, fp32 otherwise (bf16
+    matmuls on CPU are several times slower than fp32)."""
+    if name != "auto":
+        return _DTYPES[name]
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_teacher(cfg: RunConfig) -> TeacherBundle:
@@ -46,7 +57,7 @@ def resolve_teacher(cfg: RunConfig) -> TeacherBundle:
         from .testing.tiny_pipelines import tiny_pipeline_dir
 
         path = str(tiny_pipeline_dir(path.split(":", 1)[1]))
-    pipe = load_pipeline(path, torch_dtype=_DTYPES[cfg.teacher.dtype], variant=cfg.teacher.variant)
+    pipe = load_pipeline(path, torch_dtype=teacher_dtype(cfg.teacher.dtype), variant=cfg.teacher.variant)
     return TeacherBundle.from_pipeline(pipe.to(default_device()), resolution=cfg.data.resolution)
 
 

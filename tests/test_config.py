@@ -179,3 +179,27 @@ def test_save_and_reload_round_trip(tmp_path):
                                              "mode": "fast", "targets": ["a", "b"]}
     flat = flatten_config(cfg)
     assert flat["train.lr"] == 2e-5 and flat["recipe.mode"] == "fast"
+
+
+def test_model_section_and_speed_switches_validate():
+    cfg = config_from_dict({"recipe": {"name": "cfg_test"},
+                            "model": {"attention_backend": "math", "fuse_qkv": True},
+                            "teacher": {"dtype": "auto"},
+                            "train": {"compile": True, "gradient_checkpointing": True, "channels_last": False}})
+    assert (cfg.model.attention_backend, cfg.model.fuse_qkv, cfg.teacher.dtype) == ("math", True, "auto")
+    assert cfg.train.compile and cfg.train.gradient_checkpointing and cfg.train.channels_last is False
+    defaults = config_from_dict({"recipe": {"name": "cfg_test"}})
+    assert (defaults.model.attention_backend, defaults.model.fuse_qkv) == ("sdpa", False)
+    assert defaults.train.channels_last == "auto" and not defaults.train.compile
+    assert flatten_config(cfg)["model.attention_backend"] == "math"
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_model_section_mistakes_are_named():
+    msg = _errors({"recipe": {"name": "cfg_test"}, "model": {"attention_backend": "xfromers"}})
+    assert "model.attention_backend: unknown attention backend 'xfromers'; did you mean 'xformers'?" in msg
+    msg = _errors({"recipe": {"name": "cfg_test"}, "model": {"fuse_qvk": True}, "train": {"channels_last": "sometimes"}})
+    assert "model.fuse_qvk: unknown key 'fuse_qvk' in section 'model'; did you mean 'fuse_qkv'?" in msg
+    assert "train.channels_last: expected bool | 'auto'" in msg
+    assert "model.attention_backend: 'flash_hub' downloads its kernel" in _errors(
+        {"recipe": {"name": "cfg_test"}, "model": {"attention_backend": "flash_hub"}})

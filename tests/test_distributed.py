@@ -91,6 +91,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     ddp, one, half = _state(tmp / "ddp"), _state(tmp / "one"), _state(tmp / "half")
     # really two processes: each wrote its RNG state, and each consumed 4 micro-batches (8 slots in all)
     assert ddp["trainer"]["num_processes"] == 2, runs["log"][-2000:]
+    assert "[stepdistill] distributed: MULTI_CPU over 2 processes" in runs["log"], runs["log"][-2000:]
     assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= ddp["files"]
     assert (ddp["trainer"]["step"], ddp["trainer"]["batch_index"]) == (4, 4)
     assert (one["trainer"]["step"], one["trainer"]["batch_index"]) == (4, 8)

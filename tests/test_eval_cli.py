@@ -170,3 +170,74 @@ def test_write_results_without_results(tmp_path):
     wr.main(["--results-dir", str(tmp_path / "none"), "--out", str(out)])
     assert "No benchmark results yet" in out.read_text()
     assert not (tmp_path / "quality_vs_nfe.png").exists()
+
+
+# ------------------------------------------------------------------------------ --suite coco-prompts (FID/KID/CLIP)
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    """Six 'real' images of mixed sizes and modes (the loader must crop, resize and convert them)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("reference")
+    g = torch.Generator().manual_seed(0)
+    for i, (w, h) in enumerate([(40, 30), (30, 40), (32, 32), (50, 20), (16, 16), (33, 35)]):
+        arr = (torch.rand((h, w, 3), generator=g) * 255).to(torch.uint8).numpy()
+        im = Image.fromarray(arr)
+        (im.convert("L") if i == 2 else im).save(folder / f"ref{i}.{'jpg' if i % 2 else 'png'}")
+    return folder
+
+
+def test_eval_coco_prompts_writes_fid_kid_clip_rows(student_dir, reference_dir, random_inception_file, tiny_clip_dir,
+                                                    tmp_path, capsys):
+    prompts = tmp_path / "captions.json"
+    prompts.write_text(json.dumps({"annotations": [{"caption": "A  cat on a mat"}, {"caption": "two dogs"},
+                                                   {"caption": " "}, {"caption": "a red bus " * 40}]}))
+    out = tmp_path / "coco" / "prompts-lcm.json"
+    rc = main(["eval", str(student_dir), "--suite", "coco-prompts", "--prompts", str(prompts), "--reference",
+               str(reference_dir), "--inception", str(random_inception_file), "--clip", str(tiny_clip_dir),
+               "--fid-features", "64", "--steps", "1,2", "--num-samples", "4", "--teacher-steps", "2",
+               "--batch-size", "2", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["suite"] == "coco-prompts" and res["num_samples"] == 4 and res["distinct_prompts"] == 3
+    assert res["num_reference"] == 6 and res["image_size"] == res["image_size"] > 0
+    assert res["feature_extractor"]["features"].startswith("64-d") and res["clip"]["weights"] == str(tiny_clip_dir)
+    assert res["teacher_defaults"] == {"num_inference_steps": 2, "guidance_scale": 7.5}
+    assert "--fid-features 64" in res["command"] and res["command"].startswith(
+        f"stepdistill eval {student_dir} --suite coco-prompts --prompts {prompts}")
+    rows = res["rows"]
+    kinds = [(r["kind"], r["steps"], r["nfe"]) for r in rows]
+    # teacher: 2 guided steps, batched CFG = 4 evaluations; student NFE = steps; solvers at one guided step
+    assert kinds[0] == ("teacher", 2, 4.0)
+    assert [k for k in kinds if k[0] == "student"] == [("student", 1, 1.0), ("student", 2, 2.0)]
+    assert sorted(k for k in kinds if k[0] == "solver") == [("solver", 1, 2.0), ("solver", 1, 2.0)]
+    for r in rows:
+        assert r["fid"] >= 0 and r["kid_mean"] is not None and 0.0 <= r["clip_score"] <= 100.0
+        assert r["sec_per_image"] > 0 and (out.parent / r["grid"]).is_file()
+
+
+def test_eval_coco_prompts_bad_inputs_fail_before_sampling(student_dir, reference_dir, random_inception_file,
+                                                           tiny_clip_dir, tmp_path, capsys, monkeypatch):
+    from stepdistill.evaluation import prompts_eval
+
+    monkeypatch.delenv(prompts_eval.CLIP_ENV_VAR, raising=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# just a comment\n   \n")
+    good = tmp_path / "p.txt"
+    good.write_text("a cat\n")
+    base = ["eval", str(student_dir), "--suite", "coco-prompts", "--steps", "1", "--fid-features", "64"]
+    cases = [
+        (["--reference", str(reference_dir)], "needs --prompts"),
+        (["--prompts", str(empty), "--reference", str(reference_dir), "--inception", str(random_inception_file),
+          "--clip", str(tiny_clip_dir)], "has no prompts"),
+        (["--prompts", str(good), "--reference", str(reference_dir), "--inception", str(random_inception_file)],
+         "needs CLIP weights"),
+        (["--prompts", str(good), "--reference", str(tmp_path / "nope"), "--inception", str(random_inception_file),
+          "--clip", str(tiny_clip_dir)], "reference folder"),
+        (["--prompts", str(good), "--reference", str(reference_dir), "--inception", str(tmp_path / "missing.pth"),
+          "--clip", str(tiny_clip_dir)], "missing.pth"),
+    ]
+    for extra, message in cases:
+        rc = main(base + extra)
+        assert rc == 2, (extra, message)
+        assert message in capsys.readouterr().err, message

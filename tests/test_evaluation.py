@@ -8,26 +8,9 @@ import torch
 
 from stepdistill.evaluation import fid as fidmod
 from stepdistill.evaluation.clip_score import clip_score, load_clip
+from conftest import TINY_CLIP_CFG
 
-
-@pytest.fixture(scope="module")
-def random_inception_file(tmp_path_factory):
-    """torch-fidelity's Inception-v3 with random weights, saved under the official file name."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-    try:
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-        state = {k: v.clone() for k, v in net.state_dict().items()}
-    finally:
-        mp.undo()
-    folder = tmp_path_factory.mktemp("inception")
-    path = folder / fidmod.INCEPTION_FILENAMES[0]
-    torch.save(state, path)
-    return path
+# random_inception_file and tiny_clip_dir come from conftest.py
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +78,14 @@ def test_fid_kid_with_random_inception(random_inception_file):
     expected = float((mr - mg).square().sum() + cr.trace() + cg.trace() - 2 * tr_sqrt)
     assert other["fid"] == pytest.approx(expected, rel=1e-6)
 
+    # Reference features extracted once and passed in give the same FID and KID.
+    pre = fidmod.compute_fid_kid(gen_other, ref, reference_name="random-4", extractor=ext, kid_subsets=5,
+                                 reference_features=fidmod.inception_features(ref, ext))
+    assert pre["fid"] == pytest.approx(other["fid"], rel=1e-9) and pre["kid_mean"] == pytest.approx(other["kid_mean"])
+    with pytest.raises(ValueError, match="same extractor"):
+        fidmod.compute_fid_kid(gen_other, ref, reference_name="x", extractor=ext,
+                               reference_features=torch.zeros(4, 2048, dtype=torch.float64))
+
 
 def test_pool_features_match_torch_fidelity(random_inception_file):
     """The 2048-d features are torch-fidelity's: same numbers as its own extractor on the same uint8 images."""
@@ -118,29 +109,6 @@ def test_inception_file_with_wrong_content_is_rejected(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- CLIP score
-TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    """A randomly initialised open_clip CLIP (ViT image tower + transformer text tower, CLIP tokenizer) saved in
-    open_clip's local-dir layout, built with pretrained=None."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    (folder / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": TINY_CLIP_CFG,
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-    }))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
 
 
 def test_clip_score_from_local_folder_and_long_prompts(tiny_clip_dir):

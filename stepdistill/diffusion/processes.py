@@ -63,6 +63,14 @@ def _as_time(t: Tensor | float | int, device: torch.device | None = None) -> Ten
     return t.to(device=device) if device is not None else t
 
 
+def _version_of(t: Tensor) -> int | None:
+    """The in-place version counter of ``t`` (None for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def _bcast(v: Tensor, like: Tensor | None) -> Tensor:
     """Shape a per-sample (N,) or scalar coefficient so it broadcasts against ``like`` (N, ...)."""
     if like is None:
@@ -169,25 +177,45 @@ class DiscreteVP(NoiseProcess):
         return cls(acp, scheduler_config=dict(config))
 
     def _index(self, t: Tensor) -> Tensor:
-        if t.is_floating_point():
-            if not torch.all(t == torch.round(t)):
-                raise ValueError(
-                    "DiscreteVP got a fractional timestep; pass integer indices in [0, "
-                    f"{self.num_train_timesteps - 1}] (the teacher was trained on integer timesteps)"
-                )
-            t = t.round()
-        t = t.long()
-        if torch.any(t < 0) or torch.any(t >= self.num_train_timesteps):
-            raise ValueError(f"DiscreteVP timestep out of range [0, {self.num_train_timesteps - 1}]: {t.tolist()}")
-        return t
+        """Validated integer indices of ``t``. One host read per distinct tensor (both checks are read together, and
+        the result for the tensor last seen is reused while it is unmodified: ``coefficients`` asks for alpha and
+        sigma of the same ``t``), so a training step on a GPU does not stall on a sync per coefficient."""
+        last = getattr(self, "_last_index", None)
+        version = _version_of(t)
+        if last is not None and last[0] is t and version is not None and last[1] == version:
+            return last[2]
+        frac = t.is_floating_point()
+        idx = t.round().long() if frac else t.long()
+        bad_range = ((idx < 0) | (idx >= self.num_train_timesteps)).any()
+        bad_frac = (t != torch.round(t)).any() if frac else torch.zeros_like(bad_range)
+        bad_frac, bad_range = torch.stack([bad_frac, bad_range]).tolist()  # the single host sync
+        if bad_frac:
+            raise ValueError(
+                "DiscreteVP got a fractional timestep; pass integer indices in [0, "
+                f"{self.num_train_timesteps - 1}] (the teacher was trained on integer timesteps)"
+            )
+        if bad_range:
+            raise ValueError(f"DiscreteVP timestep out of range [0, {self.num_train_timesteps - 1}]: {idx.tolist()}")
+        if version is not None:
+            self._last_index = (t, version, idx)
+        return idx
+
+    def _table(self, device: torch.device) -> Tensor:
+        """``alphas_cumprod`` on ``device``, copied there once (not on every call)."""
+        cache = self.__dict__.setdefault("_table_cache", {})
+        key = (device, id(self.alphas_cumprod))
+        if key not in cache:
+            cache.clear() if len(cache) > 4 else None
+            cache[key] = self.alphas_cumprod.to(device)
+        return cache[key]
 
     def _alpha(self, t: Tensor) -> Tensor:
         idx = self._index(t)
-        return self.alphas_cumprod.to(idx.device)[idx].sqrt()
+        return self._table(idx.device)[idx].sqrt()
 
     def _sigma(self, t: Tensor) -> Tensor:
         idx = self._index(t)
-        return (1.0 - self.alphas_cumprod.to(idx.device)[idx]).sqrt()
+        return (1.0 - self._table(idx.device)[idx]).sqrt()
 
     def model_timestep(self, t: Tensor) -> Tensor:
         return self._index(_as_time(t))

@@ -41,6 +41,7 @@ __all__ = [
     "OFFICIAL_SHA256_PREFIX",
     "compute_fid_kid",
     "find_inception_weights",
+    "inception_features",
     "load_inception",
     "to_uint8_rgb",
 ]
@@ -198,6 +199,14 @@ def _batches(images: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
 
 
 @torch.no_grad()
+def inception_features(images, extractor: InceptionFeatureExtractor, batch_size: int = 50,
+                       value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """float64 Inception features ``(N, extractor.num_features)`` of images (any form :func:`to_uint8_rgb` takes)."""
+    imgs = to_uint8_rgb(images, value_range)
+    return torch.cat([extractor(chunk) for chunk in _batches(imgs, batch_size)])
+
+
+@torch.no_grad()
 def compute_fid_kid(
     generated,
     reference,
@@ -211,29 +220,39 @@ def compute_fid_kid(
     value_range: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 50,
     seed: int = 0,
+    reference_features: torch.Tensor | None = None,
 ) -> dict:
     """FID (and KID) of ``generated`` against ``reference`` images (any form :func:`to_uint8_rgb` accepts).
 
     Returns ``{"fid", "kid_mean", "kid_std", "num_generated", "num_reference", "reference", "kid_subsets",
     "kid_subset_size", "statistics_dtype", "feature_extractor": {...}}``. The KID subset size is capped at the
     smaller sample count (recorded). FID values are only comparable at equal sample counts and the same reference.
+
+    ``reference_features`` (from :func:`inception_features` with the same ``extractor``) skip re-extracting the
+    reference when several sample sets are compared against it; ``reference`` is then only counted.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    gen, ref = to_uint8_rgb(generated, value_range), to_uint8_rgb(reference, value_range)
-    if gen.shape[0] < 2 or ref.shape[0] < 2:
+    gen = to_uint8_rgb(generated, value_range)
+    n_ref = int(reference_features.shape[0]) if reference_features is not None else None
+    ref = to_uint8_rgb(reference, value_range) if reference_features is None else None
+    n_ref = n_ref if ref is None else int(ref.shape[0])
+    if gen.shape[0] < 2 or n_ref < 2:
         raise ValueError(f"FID needs at least 2 images on each side, got {gen.shape[0]} generated and "
-                         f"{ref.shape[0]} reference")
+                         f"{n_ref} reference")
     extractor = extractor if extractor is not None else load_inception(weights_path)
     # Inception runs once per image; both metrics then accumulate the same float64 features.
-    feats_ref = torch.cat([extractor(chunk) for chunk in _batches(ref, batch_size)])
-    feats_gen = torch.cat([extractor(chunk) for chunk in _batches(gen, batch_size)])
+    feats_ref = reference_features.double() if ref is None else inception_features(ref, extractor, batch_size)
+    if feats_ref.shape[1] != extractor.num_features:
+        raise ValueError(f"reference_features have {feats_ref.shape[1]} dimensions but the extractor gives "
+                         f"{extractor.num_features}; compute them with the same extractor")
+    feats_gen = inception_features(gen, extractor, batch_size)
     passthrough = _Precomputed(extractor.num_features)
     fid = FrechetInceptionDistance(feature=passthrough, reset_real_features=True)
     fid.update(feats_ref, real=True)
     fid.update(feats_gen, real=False)
-    subset = min(kid_subset_size, gen.shape[0], ref.shape[0])
+    subset = min(kid_subset_size, gen.shape[0], n_ref)
     kidm = None
     if kid:
         import warnings
@@ -243,7 +262,7 @@ def compute_fid_kid(
             kidm = KernelInceptionDistance(feature=passthrough, subsets=kid_subsets, subset_size=subset)
         kidm.update(feats_ref, real=True)
         kidm.update(feats_gen, real=False)
-    out = {"fid": float(fid.compute()), "num_generated": int(gen.shape[0]), "num_reference": int(ref.shape[0]),
+    out = {"fid": float(fid.compute()), "num_generated": int(gen.shape[0]), "num_reference": n_ref,
            "reference": reference_name, "statistics_dtype": str(fid.real_features_sum.dtype).replace("torch.", "")}
     if kidm is not None:
         with torch.random.fork_rng(devices=[]):

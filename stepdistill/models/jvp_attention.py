@@ -235,12 +235,15 @@ def _dispatch_with(sdpa: Callable) -> Callable:
     return dispatch_attention_fn
 
 
-_SUBCLASSES: dict[tuple[type, Callable], type] = {}
+_SUBCLASSES: dict[tuple[type, Callable, str], type] = {}
 
 
-def _rerouted_class(cls: type, sdpa: Callable) -> type:
-    """A subclass of processor class ``cls`` whose ``__call__`` is the original code with SDPA rerouted."""
-    key = (cls, sdpa)
+def _rerouted_class(cls: type, sdpa: Callable, prefix: str = "JVP") -> type:
+    """A subclass of processor class ``cls`` whose ``__call__`` is the original code with SDPA rerouted.
+
+    ``prefix`` names the subclass (``JVPAttnProcessor2_0``); ``"Math"`` marks the unfused math path that
+    ``stepdistill.models.attention_backends`` installs for ``attention_backend=math`` (also forward-AD capable)."""
+    key = (cls, sdpa, prefix)
     if key in _SUBCLASSES:
         return _SUBCLASSES[key]
     func = cls.__call__
@@ -254,9 +257,9 @@ def _rerouted_class(cls: type, sdpa: Callable) -> type:
         raise UnsupportedAttentionProcessor(cls.__name__)
     call = types.FunctionType(func.__code__, globals_, func.__name__, func.__defaults__, func.__closure__)
     call.__kwdefaults__ = func.__kwdefaults__
-    call.__doc__, call.__qualname__ = func.__doc__, f"JVP{cls.__name__}.__call__"
-    sub = type(f"JVP{cls.__name__}", (cls,), {
-        "__call__": call, "__module__": __name__, "jvp_capable": True,
+    call.__doc__, call.__qualname__ = func.__doc__, f"{prefix}{cls.__name__}.__call__"
+    sub = type(f"{prefix}{cls.__name__}", (cls,), {
+        "__call__": call, "__module__": __name__, "jvp_capable": True, "stepdistill_math": prefix == "Math",
         "__doc__": f"{cls.__name__} with its SDPA call routed to a forward-AD-capable attention (stepdistill)."})
     _SUBCLASSES[key] = sub
     return sub

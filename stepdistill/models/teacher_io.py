@@ -204,9 +204,30 @@ class ConditionEncoder:
             return (Conditioning(encoder_hidden_states=pe, encoder_attention_mask=mask),
                     Conditioning(encoder_hidden_states=npe, encoder_attention_mask=nmask))
         if hasattr(p, "encode_prompt"):
-            pe, npe = p.encode_prompt(prompts, device, 1, True, negative_prompt=None)
-            return Conditioning(encoder_hidden_states=pe), Conditioning(encoder_hidden_states=npe)
+            pe = self._cached_embeddings(prompts + [""], device)  # "": the stock pipeline's CFG negative prompt
+            return (Conditioning(encoder_hidden_states=pe[:-1]),
+                    Conditioning(encoder_hidden_states=pe[-1:].expand(len(prompts), *pe.shape[1:])))
         raise TypeError(f"{name} has no text encoder; pass class labels (a LongTensor) instead of prompts")
+
+
+    CACHE_SIZE = 256
+    """Prompt embeddings kept per device (SD 1.x/2.x-style pipelines; the text encoder is frozen in every recipe):
+    the empty negative prompt and repeated prompts are encoded once instead of at every training step."""
+
+    def _cached_embeddings(self, prompts: list[str], device) -> Tensor:
+        """``encode_prompt`` rows for ``prompts`` (no CFG), each prompt encoded once and then served from a bounded
+        cache (oldest entries dropped first). Rows are encoded in one batched call for the prompts not cached."""
+        cache = self.__dict__.setdefault("_embedding_cache", {})
+        device = torch.device(device)
+        rows = {q: cache.get((q, device)) for q in dict.fromkeys(prompts)}
+        missing = [q for q, row in rows.items() if row is None]
+        if missing:
+            pe, _ = self.pipe.encode_prompt(missing, device, 1, False)
+            for q, row in zip(missing, pe):
+                rows[q] = cache[(q, device)] = row
+            while len(cache) > self.CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+        return torch.stack([rows[q] for q in prompts])
 
 
 class LatentCodec:

@@ -14,6 +14,8 @@ as ``cls(teacher_bundle, cfg.recipe.options, device)``. The loop (``stepdistill.
    clips, steps, in dict order. A step may return a subset of the optimizers (DMD2's 5:1 schedule), decided by
    ``step`` alone, so every micro-batch of one update returns the same set. ``generator`` is a CPU
    ``torch.Generator`` seeded from (run.seed, rank, micro-batch index): draw all noise and timesteps from it.
+   ``frozen_modules()`` -> ``{"teacher": backbone}`` by default: frozen networks that get the run's attention
+   backend too; ``set_frozen(name, module)`` takes a compiled replacement (``train.compile``).
 4. ``after_optimizer_step(name, step)`` after each real update of optimizer ``name`` (target EMAs, e.g. LCM's).
 5. ``state_dict_for_checkpoint()`` / ``load_state_dict_from_checkpoint(state)``: every piece of trainable state,
    target EMAs included, as ``{group: {key: tensor}}`` (group names must not contain '.').
@@ -76,6 +78,18 @@ class Recipe(abc.ABC):
     @abc.abstractmethod
     def set_prepared(self, name: str, module: nn.Module) -> None:
         """Receive ``accelerator.prepare(trainable_modules()[name])``; use it for training forwards."""
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Frozen networks the recipe runs, by name: the teacher backbone by default. The loop applies the run's
+        ``model.*`` attention settings (and ``train.compile``) to them as well as to :meth:`trainable_modules`."""
+        net = getattr(getattr(getattr(self, "teacher", None), "denoiser", None), "backbone", None)
+        return {"teacher": net} if isinstance(net, nn.Module) else {}
+
+    def set_frozen(self, name: str, module: nn.Module) -> None:
+        """Receive a replacement (e.g. ``torch.compile``d) of ``frozen_modules()[name]`` for its forwards."""
+        if name != "teacher":
+            raise NotImplementedError(f"recipe {self.name!r} does not take a replacement for frozen module {name!r}")
+        self.teacher.denoiser.backbone = module
 
     def ema_modules(self) -> list[str]:
         """Trainable modules that get an evaluation EMA (``train.ema_decay > 0``): the student when there is one."""

@@ -24,11 +24,11 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
-from ..diffusion.processes import DiscreteVP
 from ..models.backbones import unwrap
 from ..models.conditioning import Conditioning
 from ..models.denoiser import Denoiser
 from ..models.student import add_lora, adapters_disabled, copy_backbone, freeze
+from .common import discrete_vp_process
 
 __all__ = ["dm_gradient", "vsd_gradient", "surrogate_loss", "draw_timesteps", "drop_conditions", "guided_predict",
            "fake_denoising_loss", "sample_stats", "generator_backbone", "FakeScore", "load_unet_from",
@@ -187,15 +187,6 @@ class FakeScore:
                 raise RuntimeError(f"fake-score LoRA checkpoint does not match: unexpected={unexpected[:5]}")
         else:
             net.load_state_dict(state)
-
-
-def discrete_vp_process(teacher, recipe: str) -> DiscreteVP:
-    """The teacher's process, which score-distillation recipes need to be a discrete VP (integer timesteps)."""
-    process = teacher.denoiser.process
-    if not isinstance(process, DiscreteVP):
-        raise ValueError(f"this {recipe} implementation needs a discrete VP teacher (integer timesteps); this teacher's "
-                         f"process is {process.kind}")
-    return process
 
 
 def build_generator_and_fake_score(teacher, options, device: torch.device) -> tuple[Denoiser, "FakeScore"]:

@@ -113,6 +113,7 @@ from .data import (
 )
 from .ema import EMA
 from .nan_guard import NonFiniteGuard, NonFiniteLossError, stop_message
+from .speed import autocast_warning, maybe_compile, prepare_networks, summary_lines, warnings_of, write_attention_report
 
 __all__ = ["TrainerState", "process_state", "resolve_resume", "save_sample_grid", "train"]
 
@@ -283,6 +284,9 @@ class _Trainer:
                 f"`accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes {launched} ...` "
                 f"(see docs/distributed.md)")
         self._check_distributed_support()
+        if acc.num_processes > 1 and self.is_main:
+            print(f"[stepdistill] distributed: {acc.distributed_type.value} over {acc.num_processes} processes",
+                  flush=True)
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = tc.allow_tf32
             torch.backends.cudnn.allow_tf32 = tc.allow_tf32
@@ -301,6 +305,7 @@ class _Trainer:
         for name in modules:
             if "." in name or "/" in name:
                 raise ValueError(f"trainable module name {name!r} must not contain '.' or '/'")
+        self._setup_networks(modules)
         self.module_names = list(modules)
         optimizers, schedulers = self._build_optimizers(self.recipe.optimizer_params())
         self.opt_names = list(optimizers)
@@ -310,9 +315,15 @@ class _Trainer:
         self.modules = dict(zip(self.module_names, prepared[:n]))
         self.optimizers = dict(zip(self.opt_names, prepared[n:n + m]))
         self.schedulers = dict(zip(self.opt_names, prepared[n + m:]))
+        setups = {s.name: s for s in self.network_setups}
         for name, module in self.modules.items():
-            self.recipe.set_prepared(name, module)
             module.train()
+            self.recipe.set_prepared(name, maybe_compile(setups.get(name), module) if tc.compile else module)
+        if tc.compile:
+            for name, module in self.recipe.frozen_modules().items():
+                if name in setups and not setups[name].trainable:
+                    self.recipe.set_frozen(name, maybe_compile(setups[name], module))
+        self._log_networks()
         self.params = {name: [p for g in opt.param_groups for p in g["params"]]
                        for name, opt in self.optimizers.items()}
         owner = {id(p): mod for mod in self.module_names for p in unwrap(self.modules[mod]).parameters()}
@@ -333,6 +344,22 @@ class _Trainer:
             hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                        for k, v in flatten_config(self.cfg).items()}
             acc.init_trackers(self.cfg.run.name, config=hparams)
+
+    def _setup_networks(self, modules: dict) -> None:
+        """Attention backend, QKV fusion, channels_last and gradient checkpointing of every network (training/speed.py)."""
+        message = autocast_warning(self.tc.mixed_precision, self.accelerator.device)
+        if message:
+            warnings.warn(message, stacklevel=3)
+        self.network_setups = prepare_networks(self.cfg, self.recipe, modules, self.accelerator.device)
+
+    def _log_networks(self) -> None:
+        """Log what every attention layer really runs (summary) and write the per-layer report to the run dir."""
+        for line in warnings_of(self.network_setups):
+            warnings.warn(line, stacklevel=3)
+        if self.is_main:
+            write_attention_report(self.network_setups, self.run_dir)
+            for line in summary_lines(self.network_setups):
+                print(f"[stepdistill] {line}", flush=True)
 
     def _check_distributed_support(self) -> None:
         from accelerate.utils import DistributedType
@@ -631,7 +658,7 @@ class _Trainer:
         ckpt = self.last_checkpoint or latest_checkpoint(self.run_dir)
         lr_now = self.tc.lr * self.lr_scale
         if ckpt is None or self.rollbacks >= self.tc.max_rollbacks:
-            why = (f"no checkpoint was written yet to roll back to" if ckpt is None else
+            why = ("no checkpoint was written yet to roll back to" if ckpt is None else
                    f"the run already rolled back {self.rollbacks} time(s) (train.max_rollbacks="
                    f"{self.tc.max_rollbacks}), lowering the learning rate to {lr_now:g}, and it diverged again")
             raise NonFiniteLossError(f"{stop_message(req.name, req.count, self.state.step, lr_now, ckpt)} "

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import tempfile
 import time
 import warnings
@@ -104,6 +103,21 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
         "target_steps": 4,
         "trajectory": True,
     },
+    # MLCM (spec B.4): the LCM student (same grid, scalings, EMA 0.95, omega ~ U[0, 2]) trained on states of the guided
+    # teacher's own DDIM trajectories (bank of 512, rebuilt every 4 updates), segments 8 -> 4 -> 2 -> 1 with 200
+    # updates in each of the first three stages and 1400 at M = 1, z-space L2 at the segment boundary; one student
+    # scored at 1/2/4/8 boundary steps, w = 2. (500/500/500/500 gave SW2/floor 6.1/2.0/2.9/3.6 on ring8.)
+    "mlcm": {
+        "recipe": {"variant": "full", "omega_min": 0.0, "omega_max": 2.0, "loss": "l2", "target_ema_decay": 0.95,
+                   "num_ddim_timesteps": 50, "segment_schedule": [8, 4, 2, 1], "stage_steps": [200, 200, 200],
+                   "loss_space": "z", "state_source": "trajectory", "bank_size": 512, "bank_refresh_every": 4,
+                   "sample_steps": 4, "sample_guidance_scale": 2.0},
+        "train": {"max_steps": 2000, "lr": 1e-3, "lr_scheduler": "cosine", "grad_clip": 1.0, "ema_decay": 0.0},
+        "batch_size": 512,
+        "guidance_scale": 2.0,
+        "target_steps": 4,
+        "trajectory": True,
+    },
     # Progressive distillation (spec B.1): 3 halving rounds 32 -> 16 -> 8 -> 4 inside one run (round 0's student is
     # a fresh ToyMLP: the analytic teacher cannot be copied), the guided teacher (w = 2) baked in. Evaluate with
     # --steps 4,8,16 to score every round's kept student.
@@ -136,6 +150,29 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 256,
         "guidance_scale": 2.0,
         "target_steps": 2,
+        "trajectory": True,
+    },
+    # BOOT (spec B.9): data-free, labels only; fresh ToyMLP student g(eps, t) with the hard-wired boundary at T, the
+    # guided teacher (w = 2) on a 32-point trailing DDIM grid, (1/delta^2)-scaled bootstrap loss; 1 step.
+    "boot": {
+        "recipe": {"guidance_scale": 2.0, "teacher_steps": 32, "loss_scaling": "delta2"},
+        "train": {"max_steps": 3000, "lr": 1e-3, "lr_scheduler": "cosine", "grad_clip": 1.0, "ema_decay": 0.0},
+        "batch_size": 512,
+        "guidance_scale": 2.0,
+        "target_steps": 1,
+        "trajectory": True,
+    },
+    # AGD (spec B.10): the analytic teacher frozen, an additive guidance-conditioned MLP adapter, w ~ U[1, 4], bank of
+    # 2048 teacher CFG DDIM trajectories over all 1000 timesteps. Scored with the adapter DDIM sampler at w = 2 (1000
+    # steps = the reference grid, so SW2 and the paired error isolate the adapter error) and by the eps error along
+    # fresh CFG trajectories (``recipe_metrics``, spec C.4).
+    "agd": {
+        "recipe": {"guidance_min": 1.0, "guidance_max": 4.0, "bank_trajectories": 2048, "bank_steps": 1000,
+                   "hidden_dim": 128, "adapter_depth": 3, "sample_guidance_scale": 2.0, "sample_steps": 1000},
+        "train": {"max_steps": 3000, "lr": 1e-3, "lr_scheduler": "cosine", "grad_clip": 1.0, "ema_decay": 0.0},
+        "batch_size": 1024,
+        "guidance_scale": 2.0,
+        "target_steps": 1000,
         "trajectory": True,
     },
 }
@@ -334,6 +371,8 @@ def run_toy2d_bench(recipe: str, mixture: str = "ring8", steps: list[int] = [1, 
             "paired_error": paired_error(samples[: len(teacher_paired)], teacher_paired) if trajectory else None,
             "passes_3x": bool(sw2 <= PASS_RATIO * floor),
         })
+    metrics_fn = getattr(recipe_obj, "toy2d_metrics", None)  # recipe-specific criteria (AGD's eps error, spec C.4)
+    recipe_metrics = metrics_fn(mix, w, seed) if callable(metrics_fn) else None
     target = int(settings.get("target_steps", max(steps)))
     head = next((r for r in rows if r["steps"] == target), rows[-1])
     options = cfg.recipe.options
@@ -370,4 +409,5 @@ def run_toy2d_bench(recipe: str, mixture: str = "ring8", steps: list[int] = [1, 
         "sw2_ratio": head["sw2_ratio"],
         "mode_weight_err": head["mode_weight_err"],
         "passes_3x": head["passes_3x"],
+        "recipe_metrics": recipe_metrics,
     }
