@@ -1,6 +1,8 @@
 """Progressive distillation (spec B.1): the two-teacher-step target, the nested grids, the rounds inside one run
 (each finished round's student kept and becoming the next teacher), eps/v/flow students, and stock-Diffusers export."""
 
+import json
+
 import pytest
 import torch
 
@@ -204,7 +206,7 @@ def test_eps_teacher_student_starts_equal_to_teacher_and_exports_to_stock_diffus
     from stepdistill.testing.tiny_pipelines import tiny_pipeline_dir
 
     bundle = TeacherBundle.from_pipeline(load_pipeline(tiny_pipeline_dir("sd")))
-    r = ProgressiveRecipe(bundle, PDOptions(teacher_steps=16, final_steps=4, steps_per_round=1,
+    r = ProgressiveRecipe(bundle, PDOptions(teacher_steps=16, final_steps=4, steps_per_round=1, guidance_scale=3.0,
                                             sample_conditions=["a cat"]))
     assert r.student.prediction == "eps"
     gen = torch.Generator().manual_seed(0)
@@ -225,3 +227,8 @@ def test_eps_teacher_student_starts_equal_to_teacher_and_exports_to_stock_diffus
     assert summary["stepdistill_imported"] is False and summary["finite"]
     assert summary["pipeline"] == "StableDiffusionPipeline" and summary["scheduler"] == "DDIMScheduler"
     assert summary["timesteps"] == [999, 749, 499, 249], summary
+    # CFG at w = 3 is baked into the weights: the export must tell the pipeline not to apply it again (one UNet call
+    # per step, not a doubled CFG batch), and it names its teacher for `stepdistill eval`
+    spec = json.loads((folder / "stepdistill_sampling.json").read_text())
+    assert spec["guidance_scale"] == 1.0 and spec["extra"]["distilled_guidance_scale"] == 3.0
+    assert spec["extra"]["teacher"] and "guidance_scale=1.0" in spec["notes"]
