@@ -22,14 +22,13 @@ images, one column per digit) of every row are written next to the JSON.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from .pipeline_runs import (SOLVERS, count_nfe, evaluate_rows, load_student, resolve_teacher_ref, sample_rows,
+from .pipeline_runs import (SOLVERS, count_nfe, eval_command_line, evaluate_rows, load_student, resolve_teacher_ref, sample_rows,
                             save_grid, solver_scheduler, student_kwargs, warm_up)
 
 __all__ = ["EvalRow", "count_nfe", "run_digits_eval", "solver_scheduler"]
@@ -55,20 +54,10 @@ class EvalRow:
 
 def eval_command(model_dir, suite, teacher, steps, num_samples, json_path, teacher_steps, teacher_guidance, seed,
                  batch_size, classifier_source=None) -> str:
-    parts = ["stepdistill", "eval", str(model_dir), "--suite", suite]
-    if teacher:
-        parts += ["--teacher", teacher]
-    parts += ["--steps", ",".join(str(s) for s in steps), "--num-samples", str(num_samples)]
-    if teacher_steps is not None:
-        parts += ["--teacher-steps", str(teacher_steps)]
-    if teacher_guidance is not None:
-        parts += ["--teacher-guidance", str(teacher_guidance)]
-    if classifier_source:
-        parts += ["--classifier", str(classifier_source)]
-    parts += ["--seed", str(seed), "--batch-size", str(batch_size)]
-    if json_path:
-        parts += ["--json", str(json_path)]
-    return shlex.join(parts)
+    return eval_command_line(model_dir, suite, teacher=teacher, steps=steps, num_samples=num_samples, seed=seed,
+                             batch_size=batch_size, json_path=json_path,
+                             options=(("--teacher-steps", teacher_steps), ("--teacher-guidance", teacher_guidance),
+                                      ("--classifier", classifier_source or None)))
 
 
 @torch.no_grad()

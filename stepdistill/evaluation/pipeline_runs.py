@@ -15,6 +15,7 @@ Shared by every ``stepdistill eval`` suite (:mod:`.digits_eval`, :mod:`.prompts_
 from __future__ import annotations
 
 import inspect
+import shlex
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["SOLVERS", "count_nfe", "evaluate_rows", "load_student", "pipe_kind", "resolve_teacher_ref", "sample_rows",
+__all__ = ["SOLVERS", "count_nfe", "eval_command_line", "evaluate_rows", "load_student", "pipe_kind", "resolve_teacher_ref", "sample_rows",
            "save_grid", "solver_scheduler", "student_kwargs", "warm_up"]
 
 SOLVERS = {
@@ -200,3 +201,23 @@ def evaluate_rows(tpipe, student, spec, t_kw: dict, steps, solvers, measure) -> 
     for r in rows:
         r.speedup_vs_teacher = t_sec / r.sec_per_image if r.sec_per_image > 0 else None
     return rows
+
+
+def eval_command_line(model_dir, suite: str, *, teacher, steps, num_samples, seed, batch_size, json_path,
+                      suite_args: tuple = (), options: tuple = ()) -> str:
+    """The ``stepdistill eval`` command that reproduces a result, recorded in its JSON: ``suite_args`` (flag, value)
+    pairs right after ``--suite``, then ``--teacher``, ``--steps``, ``--num-samples``, then each ``options`` pair whose
+    value is not None, then ``--seed``, ``--batch-size`` and ``--json``."""
+    parts = ["stepdistill", "eval", str(model_dir), "--suite", suite]
+    for flag, value in suite_args:
+        parts += [flag, str(value)]
+    if teacher:
+        parts += ["--teacher", teacher]
+    parts += ["--steps", ",".join(str(s) for s in steps), "--num-samples", str(num_samples)]
+    for flag, value in options:
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += ["--seed", str(seed), "--batch-size", str(batch_size)]
+    if json_path:
+        parts += ["--json", str(json_path)]
+    return shlex.join(parts)

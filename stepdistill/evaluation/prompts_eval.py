@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .pipeline_runs import (SOLVERS, evaluate_rows, load_student, resolve_teacher_ref, sample_rows, save_grid,
+from .pipeline_runs import (SOLVERS, eval_command_line, evaluate_rows, load_student, resolve_teacher_ref, sample_rows, save_grid,
                             student_kwargs, warm_up)
 
 __all__ = ["PromptsEvalRow", "load_prompts", "load_reference_images", "run_prompts_eval"]
@@ -128,21 +127,12 @@ def _resolve_clip(clip_weights: str | None) -> str:
 
 def _command(model_dir, *, teacher, steps, num_samples, prompts, reference, inception, clip, clip_backbone,
              teacher_steps, teacher_guidance, seed, batch_size, json_path, fid_features=2048) -> str:
-    parts = ["stepdistill", "eval", str(model_dir), "--suite", "coco-prompts", "--prompts", str(prompts),
-             "--reference", str(reference)]
-    if teacher:
-        parts += ["--teacher", teacher]
-    parts += ["--steps", ",".join(str(s) for s in steps), "--num-samples", str(num_samples)]
-    for flag, value in (("--inception", inception), ("--clip", clip), ("--clip-backbone", clip_backbone),
-                        ("--teacher-steps", teacher_steps), ("--teacher-guidance", teacher_guidance)):
-        if value is not None:
-            parts += [flag, str(value)]
-    if fid_features != 2048:
-        parts += ["--fid-features", str(fid_features)]
-    parts += ["--seed", str(seed), "--batch-size", str(batch_size)]
-    if json_path:
-        parts += ["--json", str(json_path)]
-    return shlex.join(parts)
+    return eval_command_line(
+        model_dir, "coco-prompts", teacher=teacher, steps=steps, num_samples=num_samples, seed=seed,
+        batch_size=batch_size, json_path=json_path, suite_args=(("--prompts", prompts), ("--reference", reference)),
+        options=(("--inception", inception), ("--clip", clip), ("--clip-backbone", clip_backbone),
+                 ("--teacher-steps", teacher_steps), ("--teacher-guidance", teacher_guidance),
+                 ("--fid-features", fid_features if fid_features != 2048 else None)))
 
 
 @torch.no_grad()
