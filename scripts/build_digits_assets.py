@@ -38,7 +38,6 @@ TEACHER_STEPS = {"sd": 3000, "dit": 3000, "unet": 3000}
 TEACHER_BATCH = {"sd": 32, "dit": 64, "unet": 32}
 EVAL_SAMPLES = 500
 EVAL_STEPS = (1, 2, 25)
-EVAL_CFG = 3.0
 EVAL_SOLVERS = ("ddim",)
 STOCK_SAMPLES = 100
 
@@ -121,7 +120,7 @@ def build_vae(args) -> None:
 
 def build_teacher(name: str, args) -> None:
     from stepdistill.benchmarks.digits.build import build_teacher_folder, evaluate_teacher
-    from stepdistill.benchmarks.digits.paths import ASSETS_DIR
+    from stepdistill.benchmarks.digits.paths import ASSETS_DIR, TEACHER_GUIDANCE
 
     folder = ASSETS_DIR / f"teacher_{name}"
     metrics_file = folder / "metrics.json"
@@ -134,9 +133,9 @@ def build_teacher(name: str, args) -> None:
                    "steps": steps, "batch_size": TEACHER_BATCH[name], **info}
         _write_json(metrics_file, metrics)  # training record first: evaluation can be re-run with --eval-only
     t0 = time.perf_counter()
-    metrics["eval"] = evaluate_teacher(folder, n_samples=args.eval_samples, steps=EVAL_STEPS, cfg_scale=EVAL_CFG,
-                                       solvers=EVAL_SOLVERS, stock_samples=STOCK_SAMPLES,
-                                       ancestral=name == "unet")
+    metrics["eval"] = evaluate_teacher(folder, n_samples=args.eval_samples, steps=EVAL_STEPS,
+                                       cfg_scale=TEACHER_GUIDANCE[name], solvers=EVAL_SOLVERS,
+                                       stock_samples=STOCK_SAMPLES, ancestral=name == "unet")
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
     metrics["eval_command"] = _command()
     _write_json(metrics_file, metrics)

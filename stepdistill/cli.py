@@ -104,12 +104,17 @@ def _cmd_bench(args) -> int:
           "seed": args.seed}
     if args.train_steps is not None:
         kw["train_steps"] = args.train_steps
-    result = run_toy2d_bench(**kw)
+    from .config import parse_override
+
+    overrides = dict(parse_override(text) for text in (args.set or []))  # recipe.KEY / train.KEY / bench keys
+    result = run_toy2d_bench(**kw, **overrides)
     import shlex
 
     cmd = ["stepdistill", "bench", "toy2d", "--recipe", args.recipe, "--mixture", args.mixture, "--steps", args.steps,
            "--seed", str(args.seed)]
     cmd += ["--train-steps", str(args.train_steps)] if args.train_steps is not None else []
+    for text in args.set or []:
+        cmd += ["--set", text]
     cmd += ["--json", args.json] if args.json else []
     result.setdefault("command", shlex.join(cmd))  # rendered by scripts/write_results.py
     text = json.dumps(result, indent=2)
@@ -200,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = b.add_argument_group("speed", "options of `bench speed` (training-update overhead, memory, sampling speedup)")
     sp.add_argument("--model", help="teacher: a Diffusers pipeline folder, digits:sd|digits:dit|digits:unet or tiny:sd")
     sp.add_argument("--config", help="recipe run config YAML (e.g. recipes/lcm/tiny-sd.yaml); default: recipe defaults")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="config override (repeatable; toy2d too: recipe.KEY, train.KEY or guidance_scale)")
     sp.add_argument("--student", help="exported student folder to time sampling (default: the fresh recipe student)")
     sp.add_argument("--batch-size", type=int, help="training batch size (data.batch_size)")
     sp.add_argument("--student-steps", default="1,2,4", help="comma-separated student sampling step counts")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +271,14 @@ def test_tiny_sd_yaml_run_trains_and_exports_adapters(tmp_path):
     install_adapters(pipe, run_dir / "export")
     img = pipe("a cat", guidance_scale=3.0, num_inference_steps=2, output_type="np", height=32, width=32).images
     assert img.shape == (1, 32, 32, 3)
+    # `stepdistill eval` reads the export like any student: the spec names the base, the adapters go into it.
+    from stepdistill.evaluation.pipeline_runs import count_nfe, load_student
+
+    student, spec = load_student(run_dir / "export")
+    assert spec.recipe == "agd" and spec.extra["adapters"] and spec.guidance_scale == 4.0
+    assert Path(spec.extra["teacher"]).resolve() == Path(tiny_pipeline_dir("sd")).resolve()
+    student.set_progress_bar_config(disable=True)
+    with count_nfe(student) as counter:
+        student(["a cat", "a dog"], guidance_scale=spec.guidance_scale, num_inference_steps=3, output_type="np",
+                height=32, width=32)
+    assert counter["evals"] == 6  # 2 images x 3 steps, one adapter-equipped pass each: half of CFG's 12

@@ -98,6 +98,39 @@ def test_two_time_scale_schedule_and_losses():
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_dm_timestep_range_and_annealing():
+    """U{floor(0.02 T) .. floor(dm_t_max T)}; from dm_t_anneal_step on the upper end is dm_t_max_late, and every DM
+    timestep drawn then lies in the late range."""
+    r = DMD2Recipe(toy_teacher_bundle("ring8"), DMD2Options(w_real=2.0, gan_weight_gen=0.0, gan_weight_disc=0.0))
+    assert r.dm_t_range() == (20, 980) and r.dm_t_range(10**6) == (20, 980)
+    r = DMD2Recipe(toy_teacher_bundle("ring8"), DMD2Options(w_real=2.0, dm_t_max_late=0.35, dm_t_anneal_step=100,
+                                                            gan_weight_gen=0.0, gan_weight_disc=0.0))
+    assert r.dm_t_range(None) == (20, 980) and r.dm_t_range(99) == (20, 980) and r.dm_t_range(100) == (20, 350)
+    seen = []
+    orig = r.process.add_noise
+    r.process.add_noise = lambda x0, noise, t: seen.append(t.clone()) or orig(x0, noise, t)
+    cond, uncond = r.teacher.encode_conditions(torch.arange(256) % 4, "cpu")
+    r.dm_loss(torch.randn(256, 2), cond, uncond, torch.Generator().manual_seed(0), step=100)
+    assert 20 <= seen[0].min() and seen[0].max() <= 350 and seen[0].max() > 300
+    with pytest.raises(ValueError, match="dm_t_max_late"):
+        DMD2Options(dm_t_max_late=0.01).validate()
+
+
+def test_guided_real_x0_at_high_noise_overshoots_the_class():
+    """Why the toy2d DMD2 bench restricts the DM range (bench.TOY_DEFAULTS): at high t the CFG real x0 is
+    ~ x0_u + w (x0_c - x0_u), for ring8 about w times the class centroid, far outside the data ring of radius 2;
+    with the full range the DM fixed point moves the generator's modes outward."""
+    r = DMD2Recipe(toy_teacher_bundle("ring8"), DMD2Options(w_real=2.0, gan_weight_gen=0.0, gan_weight_disc=0.0))
+    cond, uncond = r.teacher.encode_conditions(torch.zeros(512, dtype=torch.long), "cpu")
+    t = torch.full((512,), 950)
+    x_t = r.process.add_noise(torch.zeros(512, 2), torch.randn(512, 2, generator=torch.Generator().manual_seed(0)), t)
+    from stepdistill.recipes.score_distill import guided_predict
+    x0_c = guided_predict(r.teacher.denoiser, x_t, t, cond, uncond, 1.0, "x0")["x0"]
+    x0_g = guided_predict(r.teacher.denoiser, x_t, t, cond, uncond, 2.0, "x0")["x0"]
+    assert 1.5 < x0_c.norm(dim=1).mean() < 2.0  # the class-0 centroid (two modes 45 degrees apart on radius 2)
+    assert x0_g.norm(dim=1).mean() > 3.0
+
+
 def test_backward_simulation_on_the_grid():
     r = DMD2Recipe(toy_teacher_bundle("ring8"), DMD2Options(w_real=2.0, timesteps=[999, 749, 499, 249]))
     ks = {r._simulation_index(s) for s in range(64)}

@@ -187,3 +187,50 @@ def test_tiny_sd_train_export_and_stock_load_at_the_segment_boundaries(tmp_path)
         assert summary["pipeline"] == "LatentConsistencyModelPipeline" and summary["scheduler"] == "LCMScheduler"
         assert summary["timesteps"] == expected, summary  # one forward per segment boundary, no CFG pass
         assert summary["shape"] == [1, 32, 32, 3] and summary["finite"]
+
+
+def test_ddim_sampler_hops_deterministically_through_the_boundaries(one_thread):
+    """recipe.sampler = "ddim": one student evaluation per boundary, each hop is f_s = DDIM(z_b, x0_theta; b -> b')
+    (the map the loss trains), no noise after the starting draw, and the 1-step sample equals the LCM sampler's."""
+    r = _toy_recipe(sampler="ddim")
+    labels = torch.arange(32) % r.teacher.mixture.num_classes
+
+    def run(steps, seed_after, sampler=None):
+        g = torch.Generator().manual_seed(0)
+        calls = []
+        orig = r.consistency
+
+        def spy(net, z, t, cond, emb):
+            calls.append((z.clone(), t.clone()))
+            return orig(net, z, t, cond, emb)
+
+        r.consistency = spy
+        try:
+            torch.manual_seed(seed_after)
+            out = r.sample(32, g, conditions=labels, steps=steps, guidance_scale=2.0, sampler=sampler)
+        finally:
+            del r.consistency
+        return out, calls
+
+    start = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    out8, calls = run(8, 0)
+    assert [int(t[0]) for _, t in calls] == segment_boundaries(1000, 8).tolist()[:-1]
+    assert torch.equal(calls[0][0], start), "the starting noise is the generator's first draw"
+    with torch.no_grad():
+        for (z, t), (z_next, s) in zip(calls, calls[1:]):
+            x0 = orig_consistency(r, z, t, labels)
+            expect = ddim_step_from_x0(z, x0, r.process.coefficients(t, like=x0), r.process.coefficients(s, like=x0))
+            assert torch.allclose(z_next, expect, atol=1e-6)
+    out8b, _ = run(8, 1)
+    assert torch.equal(out8, out8b), "deterministic after the starting noise"
+    one_ddim, _ = run(1, 0)
+    one_lcm, _ = run(1, 0, sampler="lcm")
+    assert torch.allclose(one_ddim, one_lcm, atol=1e-5)
+    with pytest.raises(ValueError, match="sampler"):
+        _toy_recipe(sampler="euler")
+
+
+def orig_consistency(r, z, t, labels):
+    cond, _ = r.teacher.encode_conditions(labels, "cpu")
+    omega = torch.full((z.shape[0],), 1.0)
+    return MLCMRecipe.consistency(r, r.student, z, t, cond, omega)

@@ -261,3 +261,43 @@ def test_export_tiny_sd_loads_in_stock_diffusers_and_matches_the_sampler(sd_bund
     with torch.no_grad():
         ours = r.consistency(x_t, torch.full((1,), r.t_max), cond)
     assert torch.allclose(stock, ours, atol=2e-4), (stock - ours).abs().max()
+
+
+def test_two_step_sampler_renoises_to_t_mid():
+    """2 steps: x0 = f(sigma_d z1, t_max), then f(cos t_mid x0 + sin t_mid sigma_d z2, t_mid), z1 and z2 the
+    generator's first and second draws (sCM Sec. 2 / SANA-Sprint's pipeline)."""
+    r = _toy(time_scale=1.0)
+    labels = torch.arange(6) % 4
+    out = r.sample(6, torch.Generator().manual_seed(8), conditions=labels, steps=2, guidance_scale=2.0)
+    g = torch.Generator().manual_seed(8)
+    sd_ = r.options.sigma_data
+    z1 = sd_ * torch.randn(6, 2, generator=g)
+    z2 = sd_ * torch.randn(6, 2, generator=g)
+    cond, _ = r.teacher.encode_conditions(labels, "cpu")
+    with torch.no_grad():
+        x0 = r.consistency(z1, torch.full((6,), r.t_max), cond)
+        t_mid = r.options.t_mid
+        ref = r.consistency(math.cos(t_mid) * x0 + math.sin(t_mid) * z2, torch.full((6,), t_mid), cond)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_toy_time_input_is_smooth():
+    """The toy bench's sCM student takes sCM's identity time input (c_noise = t). A large time scale (the spec B.6
+    pitfall) makes the time part of the tangent JVP, cos t sin t dF/dt, an order of magnitude larger at init for the
+    same network; the bench's earlier c_noise = 100 t left ring8 at 4.2x the SW2 noise floor."""
+    from stepdistill.benchmarks.toy2d.bench import TOY_DEFAULTS
+
+    assert TOY_DEFAULTS["scm"]["recipe"]["time_scale"] == 1.0
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(256, 2, generator=g)
+    t = torch.rand(256, generator=g) * 1.4 + 0.1
+    cond, _ = _toy().teacher.encode_conditions(torch.arange(256) % 4, "cpu")
+    sizes = {}
+    for scale in (1.0, 100.0):
+        torch.manual_seed(0)
+        net = _toy(parameterization="trigflow", time_scale=scale).student
+        with torch.no_grad():
+            v_t = torch.cos(t) * torch.sin(t)
+            _, jt = torch.func.jvp(lambda a, b: net(a, b, cond), (x, t), (torch.zeros_like(x), v_t))
+        sizes[scale] = jt.norm(dim=1).mean().item()
+    assert sizes[100.0] > 10 * sizes[1.0], sizes

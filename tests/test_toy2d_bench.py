@@ -18,12 +18,14 @@ def test_cli_bench_tiny_run_writes_the_json(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "DEFAULT_N", 400)  # small sets: this checks plumbing, not quality
     out = tmp_path / "res" / "toy.json"
     rc = main(["bench", "toy2d", "--recipe", "lcm", "--mixture", "ring8", "--steps", "1,4", "--train-steps", "10",
-               "--json", str(out)])
+               "--set", "guidance_scale=1.5", "--set", "recipe.target_ema_decay=0.9", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert _TOP_KEYS <= set(result)
     assert result["recipe"] == "lcm" and result["mixture"] == "ring8" and result["train_steps"] == 10
-    assert result["n"] == 400 and result["num_projections"] == 256 and result["guidance_scale"] == 2.0
+    # --set reaches the run (it was once parsed and silently dropped) and is part of the reproducing command
+    assert result["n"] == 400 and result["num_projections"] == 256 and result["guidance_scale"] == 1.5
+    assert result["options"]["target_ema_decay"] == 0.9 and "--set guidance_scale=1.5" in result["command"]
     assert [r["steps"] for r in result["results"]] == [1, 4] and result["steps"] == 4
     for row in result["results"]:
         assert _ROW_KEYS <= set(row)
@@ -45,6 +47,7 @@ def test_mixture_file_is_accepted(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, needle", [
     (["--recipe", "nosuchrecipe"], "unknown recipe 'nosuchrecipe'"),
     (["--recipe", "lcm", "--mixture", "/nonexistent/mix.json"], "unknown mixture"),
+    (["--recipe", "lcm", "--set", "no_such_key=1"], "unknown toy2d bench override 'no_such_key'"),
 ])
 def test_cli_bench_bad_input_is_a_clear_error(argv, needle, capsys):
     assert main(["bench", "toy2d", *argv, "--train-steps", "1"]) == 2

@@ -98,6 +98,18 @@ def test_fake_loss_alpha2_weighting_and_prompt_dropout():
     assert torch.equal(mixed.class_labels, torch.where(drop, -1, cond.class_labels)) and 0 < drop.sum() < 8
 
 
+def test_vsd_timestep_range_and_annealing():
+    r = VSDRecipe(toy_teacher_bundle("ring8"), VSDOptions(fake_score="full", guidance_scale=2.0))
+    assert r.t_range() == (20, 980) and r.t_range(10**6) == (20, 980)
+    r = VSDRecipe(toy_teacher_bundle("ring8"), VSDOptions(fake_score="full", guidance_scale=2.0, t_max_late=350,
+                                                          t_anneal_step=50))
+    assert r.t_range(None) == (20, 980) and r.t_range(49) == (20, 980) and r.t_range(50) == (20, 350)
+    with pytest.raises(ValueError, match="t_max_late"):
+        VSDOptions(t_max_late=5).validate()
+    with pytest.raises(ValueError, match="below the teacher"):
+        VSDRecipe(toy_teacher_bundle("ring8"), VSDOptions(fake_score="full", t_max_late=1000))
+
+
 def test_snoopi_random_guidance_per_sample():
     r = VSDRecipe(toy_teacher_bundle("ring8"), VSDOptions(fake_score="full", random_guidance=True, guidance_min=2.0,
                                                           guidance_max=6.0))

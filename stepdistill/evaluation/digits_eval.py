@@ -2,7 +2,8 @@
 
 Rows of the result (all sampled in the same process, same seeds, same conditions, same thread count):
 
-* ``teacher``: the teacher pipeline at its default steps with classifier-free guidance (digits: 50 steps, w = 3);
+* ``teacher``: the teacher pipeline at its default steps with classifier-free guidance (digits: 50 steps, w = the
+  teacher's ``paths.TEACHER_GUIDANCE``: 3 for sd, 1.5 for dit and unet);
 * ``student``: the exported student (its ``stepdistill_sampling.json``: scheduler, guidance, timesteps) at each
   requested step count;
 * ``solver``: the teacher with its scheduler swapped (``from_config``) for DPM-Solver++(2M) (Lu et al. 2022) and
@@ -34,6 +35,7 @@ from .pipeline_runs import (SOLVERS, count_nfe, eval_command_line, evaluate_rows
 __all__ = ["EvalRow", "count_nfe", "run_digits_eval", "solver_scheduler"]
 
 DIGITS_TEACHER_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 3.0}
+"""Teacher row defaults; a committed ``digits:NAME`` teacher uses its own ``paths.TEACHER_GUIDANCE`` instead."""
 REFERENCE = "digits test split (360 held-out real images); features: digit-classifier penultimate layer (64-d)"
 
 
@@ -73,6 +75,7 @@ def run_digits_eval(model_dir: str | Path, *, steps: list[int], json_path: str |
     """
     from ..benchmarks.digits.data import IMAGE_SIZE
     from ..benchmarks.digits.domain_fid import class_accuracy, default_classifier, domain_fid
+    from ..benchmarks.digits.paths import teacher_guidance as teacher_guidance_for
     from ..benchmarks.digits.sampling import eval_conditions
     from ..models.teacher_io import load_pipeline
     from .teacher_ref import teacher_folder
@@ -87,7 +90,7 @@ def run_digits_eval(model_dir: str | Path, *, steps: list[int], json_path: str |
     image_size = image_size or IMAGE_SIZE
     command = eval_command(model_dir, "digits", teacher, steps, num_samples, json_path, teacher_steps,
                            teacher_guidance, seed, batch_size, classifier_source)
-    student, spec = load_student(model_dir)
+    student, spec = load_student(model_dir, teacher)
     teacher_ref = resolve_teacher_ref(spec, teacher)
     tpipe = load_pipeline(teacher_folder(teacher_ref))
     for p in (student, tpipe):
@@ -96,7 +99,7 @@ def run_digits_eval(model_dir: str | Path, *, steps: list[int], json_path: str |
     labels, conds = eval_conditions(SimpleNamespace(pipeline=tpipe), num_samples)
     s_labels, s_conds = eval_conditions(SimpleNamespace(pipeline=student), num_samples)
     t_kw = {"num_inference_steps": int(teacher_steps or DIGITS_TEACHER_DEFAULTS["num_inference_steps"]),
-            "guidance_scale": float(DIGITS_TEACHER_DEFAULTS["guidance_scale"] if teacher_guidance is None
+            "guidance_scale": float(teacher_guidance_for(teacher_ref) if teacher_guidance is None
                                     else teacher_guidance)}
     out_dir = Path(json_path).parent if json_path else None
     grid_dir_name = f"{Path(json_path).stem}-samples" if json_path else None

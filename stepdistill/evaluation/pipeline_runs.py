@@ -146,8 +146,12 @@ def student_kwargs(spec, steps: int) -> dict:
     return kw
 
 
-def load_student(model_dir: str | Path):
-    """An exported student folder -> (pipeline, SamplingSpec); LoRA weights are loaded when present."""
+def load_student(model_dir: str | Path, teacher: str | None = None):
+    """An exported student folder -> (pipeline, SamplingSpec); LoRA weights are loaded when present.
+
+    An AGD export holds adapters only (``extra.adapters``): its base pipeline (``teacher``, else the spec's
+    ``extra.teacher``) is loaded and the adapters are installed into it (:func:`stepdistill.agd.install_adapters`).
+    """
     from ..export import SAMPLING_FILE, read_sampling_spec
     from ..models.teacher_io import load_pipeline
 
@@ -156,6 +160,13 @@ def load_student(model_dir: str | Path):
     if spec is None:
         raise FileNotFoundError(f"{model_dir} has no {SAMPLING_FILE}; pass a folder written by `stepdistill export` "
                                 f"(or `stepdistill train`)")
+    if (spec.extra or {}).get("adapters"):
+        from ..agd import install_adapters
+        from .teacher_ref import teacher_folder
+
+        pipe = load_pipeline(teacher_folder(resolve_teacher_ref(spec, teacher)))
+        install_adapters(pipe, model_dir)
+        return pipe, spec
     pipe = load_pipeline(model_dir)
     if (model_dir / "pytorch_lora_weights.safetensors").exists():
         pipe.load_lora_weights(str(model_dir))

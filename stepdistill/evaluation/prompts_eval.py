@@ -169,7 +169,7 @@ def run_prompts_eval(model_dir: str | Path, *, steps: list[int], prompts: str | 
     prompt_list, distinct = load_prompts(prompts, num_samples)
     extractor = load_inception(inception, features=fid_features)
     scorer = load_clip(_resolve_clip(clip), clip_backbone)
-    student, spec = load_student(model_dir)
+    student, spec = load_student(model_dir, teacher)
     teacher_ref = resolve_teacher_ref(spec, teacher)
     tpipe = load_pipeline(teacher_folder(teacher_ref))
     for p in (student, tpipe):

@@ -343,7 +343,11 @@ class AGDRecipe(Recipe):
     def export(self, out_dir):
         from pathlib import Path
 
-        from ..export import _write_folder
+        import json
+        from dataclasses import asdict
+
+        from ..evaluation.teacher_ref import teacher_reference
+        from ..export import SAMPLING_FILE, SamplingSpec, _write_folder
 
         if self.handle is None:
             raise NotImplementedError("toy2d AGD adapters have no Diffusers export; their weights are in the run's "
@@ -371,8 +375,17 @@ handle.remove()  # back to the plain base model (and ordinary CFG)
 ```
 """
 
+        spec = SamplingSpec(recipe="agd", variant="adapters", num_inference_steps=int(o.sample_steps),
+                            guidance_scale=float(o.sample_guidance_scale),
+                            scheduler=type(self.teacher.pipeline.scheduler).__name__,
+                            notes="adapters only: install them into the base pipeline named by extra.teacher "
+                                  "(stepdistill.agd.install_adapters); one UNet call per step at guidance_scale",
+                            extra={"teacher": teacher_reference(self.teacher.pipeline), "adapters": True,
+                                   "guidance_range": [o.guidance_min, o.guidance_max]})
+
         def write(tmp: Path) -> None:
             save_adapters(self.adapters, tmp)
             (tmp / "README.md").write_text(card)
+            (tmp / SAMPLING_FILE).write_text(json.dumps(asdict(spec), indent=2))
 
         return _write_folder(out_dir, write)

@@ -63,6 +63,12 @@ class DMD2Options:
     """DM loss timesteps t ~ U{floor(dm_t_min T) .. floor(dm_t_max T)}."""
     dm_t_max: float = 0.98
     """Upper end of the DM loss timestep range (fraction of T)."""
+    dm_t_max_late: float | None = None
+    """t annealing (ProlificDreamer-style, spec B.7): from update ``dm_t_anneal_step`` on, the upper end of the DM
+    range is ``dm_t_max_late`` instead of ``dm_t_max`` (None = no annealing). With a guided real score the high-t
+    terms pull the generator off the guided-ODE distribution (toy2d), while early on they spread it over all modes."""
+    dm_t_anneal_step: int = 0
+    """Update index at which ``dm_t_max_late`` takes over."""
     fake_score: str = "full"
     """"full": a trainable copy of the teacher; "lora": LoRA on the teacher (one backbone in memory)."""
     fake_lora_rank: int = 64
@@ -102,6 +108,11 @@ class DMD2Options:
             raise ValueError(f"recipe.update_ratio must be >= 1, got {self.update_ratio}")
         if not 0 <= self.dm_t_min <= self.dm_t_max <= 1:
             raise ValueError(f"need 0 <= recipe.dm_t_min <= recipe.dm_t_max <= 1, got {self.dm_t_min}, {self.dm_t_max}")
+        if self.dm_t_max_late is not None and not self.dm_t_min <= self.dm_t_max_late <= 1:
+            raise ValueError(f"need recipe.dm_t_min <= recipe.dm_t_max_late <= 1, got {self.dm_t_min}, "
+                             f"{self.dm_t_max_late}")
+        if self.dm_t_anneal_step < 0:
+            raise ValueError(f"recipe.dm_t_anneal_step must be >= 0, got {self.dm_t_anneal_step}")
         if self.data_mode not in ("real", "prompts"):
             raise ValueError(f"recipe.data_mode must be 'real' or 'prompts', got {self.data_mode!r}")
         if self.gan_features not in ("fake", "teacher"):
@@ -150,6 +161,8 @@ class DMD2Recipe(Recipe):
         self.grid = [int(t) for t in options.timesteps]
         T = process.num_train_timesteps
         self.dm_range = (int(options.dm_t_min * T), min(int(options.dm_t_max * T), T - 1))
+        self.dm_range_late = None if options.dm_t_max_late is None else \
+            (self.dm_range[0], min(int(options.dm_t_max_late * T), T - 1))
         self.head = None
         if options.gan:
             self.features = BottleneckFeatures(self._feature_net().backbone)
@@ -227,10 +240,17 @@ class DMD2Recipe(Recipe):
                 x = renoise_rollout(self.student, x, self.grid[:k + 1], cond, generator)
         return x, torch.full((n,), self.grid[k], device=self.device)
 
-    def dm_loss(self, x0_gen: Tensor, cond, uncond, generator: torch.Generator) -> tuple[Tensor, dict]:
+    def dm_t_range(self, step: int | None = None) -> tuple[int, int]:
+        """The DM loss timestep range at update ``step`` (``dm_t_max_late`` from ``dm_t_anneal_step`` on)."""
+        if self.dm_range_late is not None and step is not None and step >= self.options.dm_t_anneal_step:
+            return self.dm_range_late
+        return self.dm_range
+
+    def dm_loss(self, x0_gen: Tensor, cond, uncond, generator: torch.Generator,
+                step: int | None = None) -> tuple[Tensor, dict]:
         """L_DM of spec B.8 (steps 1-4) and its diagnostics."""
         n = x0_gen.shape[0]
-        t = draw_timesteps(n, *self.dm_range, generator).to(self.device)
+        t = draw_timesteps(n, *self.dm_t_range(step), generator).to(self.device)
         noise = torch.randn(x0_gen.shape, generator=generator).to(self.device)
         with torch.no_grad():
             x_t = self.process.add_noise(x0_gen.detach(), noise, t)
@@ -255,7 +275,7 @@ class DMD2Recipe(Recipe):
         logs = dict(sample_stats(x0_gen))
         losses = {}
         if update_gen:
-            loss_g, dm_logs = self.dm_loss(x0_gen, cond, uncond, generator)
+            loss_g, dm_logs = self.dm_loss(x0_gen, cond, uncond, generator, step)
             logs.update(dm_logs)
             logs["loss_dm"] = loss_g.detach()
             if self.head is not None and o.gan_weight_gen:

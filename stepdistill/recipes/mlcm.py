@@ -33,7 +33,11 @@ Progressive training (MLCM's inter-segment consistency): ``segment_schedule`` (d
 to the end. Every stage's boundaries are a subset of the first stage's, so one student samples with 1, 2, 4 or 8
 of the first stage's boundaries: the exported ``LCMScheduler`` has ``original_inference_steps = M_0``, which makes
 its default timesteps exactly those boundaries (1: [999], 2: [999, 499], 4: [999, 749, 499, 249], 8: all); each step
-predicts x0 and re-noises to the next boundary (spec B.4 "Sampling", LCM-style).
+predicts x0 and re-noises to the next boundary (spec B.4 "Sampling", LCM-style). ``recipe.sampler: ddim`` samples the
+recipe with the MCD-native alternative instead: the deterministic hop ``f_s`` (DDIM with the student's x0 and the
+implied eps) between the same boundaries, which keeps the states on the teacher-trajectory distribution the student
+was trained on (the export still writes the LCMScheduler; TCDScheduler with eta = 0 at the same timesteps is the
+stock scheduler closest to it, not wired up here).
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ class MLCMOptions(LCMOptions):
     """Trajectories in the bank (0: one micro-batch's worth, i.e. data.batch_size)."""
     bank_refresh_every: int = 1
     """Rebuild the bank (new noise, omega and conditions from the current batch) every this many updates."""
+    sampler: str = "lcm"
+    """Multistep sampler between the segment boundaries: "lcm" = predict x0 and re-noise with fresh noise to the next
+    boundary (the stock ``LCMScheduler``, what the export runs); "ddim" = MCD-native deterministic hop
+    ``DDIM(z_b, x0_theta(z_b); b -> b')`` with the implied eps (exactly the student map f_s the loss trains, so the
+    states stay on the teacher-trajectory distribution the student was trained on)."""
 
 
 def segment_boundaries(num_train_timesteps: int, segments: int) -> Tensor:
@@ -181,6 +190,8 @@ class MLCMRecipe(LCMRecipe):
             raise ValueError(f"recipe.loss_space must be 'z' or 'x', got {options.loss_space!r}")
         if options.state_source not in ("trajectory", "forward"):
             raise ValueError(f"recipe.state_source must be 'trajectory' or 'forward', got {options.state_source!r}")
+        if options.sampler not in ("lcm", "ddim"):
+            raise ValueError(f"recipe.sampler must be 'lcm' or 'ddim', got {options.sampler!r}")
         if options.bank_size < 0 or options.bank_refresh_every < 1:
             raise ValueError(f"recipe.bank_size must be >= 0 and recipe.bank_refresh_every >= 1, got "
                              f"{options.bank_size} and {options.bank_refresh_every}")
@@ -310,6 +321,35 @@ class MLCMRecipe(LCMRecipe):
         sched = self.scheduler()
         sched.set_timesteps(steps)
         return [int(t) for t in sched.timesteps]
+
+    @torch.no_grad()
+    def sample(self, num, generator, conditions=None, steps: int | None = None, guidance_scale: float | None = None,
+               sampler: str | None = None):
+        """Student samples at the segment boundaries of ``sampling_timesteps(steps)``: ``recipe.sampler`` "lcm" (the
+        stock ``LCMScheduler``: re-noise with fresh noise) or "ddim" (deterministic boundary hops with the student's
+        x0 and the implied eps: the MCD sampler, one network evaluation per boundary, starting noise drawn first)."""
+        sampler = sampler or self.options.sampler
+        if sampler == "lcm":
+            return super().sample(num, generator, conditions=conditions, steps=steps, guidance_scale=guidance_scale)
+        if sampler != "ddim":
+            raise ValueError(f"sampler must be 'lcm' or 'ddim', got {sampler!r}")
+        defaults = self.sampling_defaults()
+        steps = steps or defaults["num_inference_steps"]
+        w = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        conditions = self.default_conditions(num) if conditions is None else conditions
+        cond, _ = self.teacher.encode_conditions(conditions, self.device)
+        times = self.sampling_timesteps(steps)
+        x = torch.randn((num, *self.teacher.sample_shape), generator=generator).to(self.device)
+        omega = torch.full((num,), float(w) - 1.0, device=self.device) if self.embeds_guidance else None
+        x0 = x
+        for i, t in enumerate(times):
+            tt = torch.full((num,), int(t), dtype=torch.long, device=self.device)
+            x0 = self.consistency(self.student, x, tt, cond, omega)
+            if i + 1 < len(times):
+                ss = torch.full((num,), int(times[i + 1]), dtype=torch.long, device=self.device)
+                x = multistep_consistency(x, x0, self.process.coefficients(tt, like=x0),
+                                          self.process.coefficients(ss, like=x0))
+        return self.teacher.codec.decode(x0)
 
     def scheduler(self):
         """LCM's scheduler with ``original_inference_steps = M_0`` so its default timesteps are the boundaries."""

@@ -467,9 +467,11 @@ class SCMRecipe(Recipe):
         * "trigflow" students and toy teachers have no stock pipeline (only ``SanaSprintPipeline`` uses
           ``SCMScheduler``, and it needs a guidance-embedded Sana transformer in RF parameterization at sigma_d = 1).
         """
+        from ..evaluation.teacher_ref import teacher_reference
         from ..export import SamplingSpec, export_full_student
 
         o = self.options
+        teacher_ref = teacher_reference(self.teacher.pipeline) if self.teacher.pipeline is not None else None
         if self.mode != "teacher":
             raise NotImplementedError("only 'teacher'-parameterized sCM students export to stock Diffusers; a 'trigflow' "
                                       "student outputs F directly, which no stock pipeline except SanaSprintPipeline "
@@ -488,7 +490,7 @@ class SCMRecipe(Recipe):
             spec = SamplingSpec(recipe="scm", num_inference_steps=len(idx), guidance_scale=w, scheduler="LCMScheduler",
                                 timesteps=idx, notes=f"sCM sampler times {times} (TrigFlow, sigma_d={o.sigma_data}) "
                                                      f"mapped to teacher timesteps {idx}.",
-                                extra={"trigflow_times": times, "sigma_data": o.sigma_data})
+                                extra={"trigflow_times": times, "sigma_data": o.sigma_data, "teacher": teacher_ref})
         elif isinstance(self.process, RectifiedFlow):
             from diffusers import FlowMatchLCMScheduler
 
@@ -498,7 +500,8 @@ class SCMRecipe(Recipe):
             spec = SamplingSpec(recipe="scm", num_inference_steps=len(sigmas), guidance_scale=w,
                                 scheduler="FlowMatchLCMScheduler", notes=f"sCM sampler times {times} (TrigFlow) are "
                                 f"rectified-flow sigmas {sigmas}; pass sigmas={sigmas}.",
-                                extra={"sigmas": sigmas, "trigflow_times": times, "sigma_data": o.sigma_data})
+                                extra={"sigmas": sigmas, "trigflow_times": times, "sigma_data": o.sigma_data,
+                                       "teacher": teacher_ref})
         else:
             raise NotImplementedError(f"no stock-Diffusers export for sCM students of a {self.process.kind} teacher")
         return export_full_student(self.teacher, backbone, sched, out_dir, spec)

@@ -64,6 +64,11 @@ class VSDOptions:
     """VSD timesteps t ~ U{t_min .. t_max} (SwiftBrush 20..980; extreme t gives NaN)."""
     t_max: int = 980
     """Upper end of the VSD timestep range."""
+    t_max_late: int | None = None
+    """t annealing (ProlificDreamer: [0.02, 0.98]T, then [0.02, 0.5]T late in training): from update
+    ``t_anneal_step`` on, the upper end of the VSD range is ``t_max_late`` (None = no annealing)."""
+    t_anneal_step: int = 0
+    """Update index at which ``t_max_late`` takes over."""
     fake_score: str = "lora"
     """"lora": LoRA on the teacher (one backbone in memory); "full": a trainable copy (the toy teacher needs this)."""
     fake_lora_rank: int = 64
@@ -102,6 +107,10 @@ class VSDOptions:
     def validate(self) -> None:
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"need 0 <= recipe.t_min <= recipe.t_max, got {self.t_min}, {self.t_max}")
+        if self.t_max_late is not None and not self.t_min <= self.t_max_late:
+            raise ValueError(f"need recipe.t_min <= recipe.t_max_late, got {self.t_min}, {self.t_max_late}")
+        if self.t_anneal_step < 0:
+            raise ValueError(f"recipe.t_anneal_step must be >= 0, got {self.t_anneal_step}")
         if self.random_guidance and not self.guidance_min <= self.guidance_max:
             raise ValueError(f"recipe.guidance_min ({self.guidance_min}) must not exceed recipe.guidance_max "
                              f"({self.guidance_max})")
@@ -135,7 +144,7 @@ class VSDRecipe(Recipe):
         options.validate()
         process = discrete_vp_process(teacher, "VSD")
         T = process.num_train_timesteps
-        if not 0 <= options.conditioning_timestep < T or options.t_max >= T:
+        if not 0 <= options.conditioning_timestep < T or max(options.t_max, options.t_max_late or 0) >= T:
             raise ValueError(f"recipe.conditioning_timestep and recipe.t_max must be below the teacher's {T} timesteps")
         self.options, self.teacher, self.device, self.process = options, teacher, torch.device(device), process
         self.clip = ClampedClipLoss.from_options(options, self.device) if options.clip_weight > 0 else None
@@ -171,18 +180,25 @@ class VSDRecipe(Recipe):
         t = torch.full((n,), self.options.conditioning_timestep, device=self.device)
         return self.student.predict(z, t, cond, want="x0")["x0"]
 
-    def vsd_loss(self, x0: Tensor, cond, uncond, generator: torch.Generator) -> tuple[Tensor, dict]:
-        """L_VSD of spec B.7 (steps 1-4) and its diagnostics."""
+    def t_range(self, step: int | None = None) -> tuple[int, int]:
+        """The VSD timestep range at update ``step`` (``t_max_late`` from ``t_anneal_step`` on)."""
         o = self.options
+        late = o.t_max_late is not None and step is not None and step >= o.t_anneal_step
+        return o.t_min, (o.t_max_late if late else o.t_max)
+
+    def vsd_loss(self, x0: Tensor, cond, uncond, generator: torch.Generator,
+                 step: int | None = None) -> tuple[Tensor, dict]:
+        """L_VSD of spec B.7 (steps 1-4) and its diagnostics."""
         n = x0.shape[0]
         w = self._guidance(n, generator)
-        t = draw_timesteps(n, o.t_min, o.t_max, generator).to(self.device)
+        t = draw_timesteps(n, *self.t_range(step), generator).to(self.device)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         with torch.no_grad():
             x_t = self.process.add_noise(x0.detach(), noise, t)
             with self.fake.teacher_context():
                 eps_t = guided_predict(self.teacher.denoiser, x_t, t, cond, uncond, w, "eps")["eps"]
-            eps_l = guided_predict(self.fake.denoiser, x_t, t, cond, uncond, w if o.fake_cfg else 1.0, "eps")["eps"]
+            eps_l = guided_predict(self.fake.denoiser, x_t, t, cond, uncond, w if self.options.fake_cfg else 1.0,
+                                   "eps")["eps"]
             sigma = self.process.coefficients(t, like=x_t).sigma
             g = vsd_gradient(eps_t, eps_l, sigma)
         logs = {"vsd/grad_abs_mean": g.abs().mean()}
@@ -202,7 +218,7 @@ class VSDRecipe(Recipe):
         logs = dict(sample_stats(x0))
         losses = {}
         if update_student:
-            loss_s, vlogs = self.vsd_loss(x0, cond, uncond, generator)
+            loss_s, vlogs = self.vsd_loss(x0, cond, uncond, generator, step)
             logs.update(vlogs)
             logs["loss_vsd"] = loss_s.detach()
             if self.clip is not None:

@@ -62,7 +62,7 @@ def sampling_speed(recipe, teacher_ref: str, *, student_dir: str | None, student
         else:
             folder = Path(student_dir)
             source = f"exported: {student_dir}"
-        student, spec = load_student(folder)
+        student, spec = load_student(folder, teacher_ref)
         teacher = load_pipeline(teacher_folder(teacher_ref))  # a fresh copy: no LoRA layers a recipe added
         pipes = {"teacher": teacher.to(device), "student": student.to(device)}
         for p in pipes.values():

@@ -69,23 +69,37 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
     # DMD2 (spec B.8), 1 step at t* = 999, real-data mode (GAN on exact mixture samples), fresh ToyMLP generator and
     # fake score (the analytic teacher cannot be copied): the fake score trains alone for 200 updates, then 2 fake
     # updates per generator update; its loss is v-weighted (alpha_999 = 0.006 here makes eps-MSE useless for x0).
-    # Scored at w = 1: with w_real = 2 the DMD2 fixed point overshoots the guided-ODE reference (see docs / report).
+    # Guided, w_real = 2, scored against the w = 2 guided PF-ODE. The DM loss uses t ~ U{20..350}, not DMD2's
+    # U{20..980}: with a CFG real score the DM objective sum_t KL(p_gen,t || p_u,t^(1-w) p_c,t^w) is not minimised
+    # by the guided-ODE distribution. At high t the CFG x0 is ~ 2 x0_c - x0_u, ~2x the class centroid, so the full
+    # range pushes the modes outward: ring8, w = 2, full range measured SW2/floor 8.3 (mode err 0.10); an ideal
+    # particle generator with the exact fake score settles at radius 3.24 vs the reference's 2.12 (and stays at
+    # the reference at w = 1). Measured with t <= 350 (n = 10k, OMP_NUM_THREADS=1): ring8 SW2/floor 1.38, mode err
+    # 0.0295 (1.29 / 0.028 in an identical earlier run; mode err is at the 0.03 limit: within each class the low-t
+    # DM terms keep the conditional, i.e. unguided, mode split). grid25 FAILS (16.6x, mode err 0.51): the generator
+    # collapses onto a few central modes (also with the full range annealed to 350 at update 1500: 10.9x, or GAN
+    # weights 0.05 / 0.1: 8.8x); dm_t_max_late / dm_t_anneal_step implement that annealing.
     "dmd2": {
-        "recipe": {"w_real": 1.0, "timesteps": [999], "update_ratio": 2, "fake_warmup_steps": 200,
+        "recipe": {"w_real": 2.0, "timesteps": [999], "update_ratio": 2, "fake_warmup_steps": 200, "dm_t_max": 0.35,
                    "fake_loss_weighting": "v", "data_mode": "real", "gan_weight_gen": 5e-3, "gan_weight_disc": 1e-2},
         "train": {"max_steps": 3000, "lr": 1e-3, "lr_scheduler": "cosine", "grad_clip": 10.0, "ema_decay": 0.0},
         "batch_size": 256,
-        "guidance_scale": 1.0,
+        "guidance_scale": 2.0,
         "target_steps": 1,
         "trajectory": False,
     },
     # VSD (spec B.7), 1 step, prompts (labels) only; fully trained MLP fake score (spec B.7 sanity check), 1:1 updates.
+    # Guided, w = 2 (teacher CFG 2, fake score unguided), t ~ U{20..350} for the same reason as DMD2 above (an ideal
+    # particle generator with the exact fake score and the full range settles at radius 2.67 vs 2.12 on ring8 class
+    # 0). Measured (ring8, n = 10k): SW2/floor 3.45, mode err 0.10 -- NOT passing: every class collapses onto its
+    # heavier mode (mode-seeking reverse KL, no GAN to bring the light mode back); fake_lr 3e-3 did not change it.
+    # grid25: 15.2x, mode err 0.45 (collapse onto a few modes). t_max_late / t_anneal_step: ProlificDreamer annealing.
     "vsd": {
-        "recipe": {"guidance_scale": 1.0, "fake_score": "full", "fake_warmup_steps": 200, "fake_loss_weighting": "v",
-                   "fake_cond_drop": 0.0},
+        "recipe": {"guidance_scale": 2.0, "fake_score": "full", "fake_warmup_steps": 200, "fake_loss_weighting": "v",
+                   "fake_cond_drop": 0.0, "t_max": 350},
         "train": {"max_steps": 3000, "lr": 1e-3, "lr_scheduler": "cosine", "grad_clip": 1.0, "ema_decay": 0.0},
         "batch_size": 256,
-        "guidance_scale": 1.0,
+        "guidance_scale": 2.0,
         "target_steps": 1,
         "trajectory": False,
     },
@@ -107,6 +121,12 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
     # teacher's own DDIM trajectories (bank of 512, rebuilt every 4 updates), segments 8 -> 4 -> 2 -> 1 with 200
     # updates in each of the first three stages and 1400 at M = 1, z-space L2 at the segment boundary; one student
     # scored at 1/2/4/8 boundary steps, w = 2. (500/500/500/500 gave SW2/floor 6.1/2.0/2.9/3.6 on ring8.)
+    # 8 steps fail on ring8 (3.56) with the LCM re-noising sampler: the re-noised states are not the teacher-trajectory
+    # (ODE-marginal) states the student trained on. Alternatives measured (SW2/floor at 1/2/4/8 steps), not adopted:
+    # recipe.sampler "ddim" (deterministic MCD hops) on this student: ring8 1.69/1.78/2.82/3.27; sampler "ddim" with
+    # segments 8 -> 4 -> 2 (300/300/1400): ring8 9.61/1.62/2.16/2.67 but grid25 14.1/1.95/3.60/5.20;
+    # state_source "forward" (noised data, not data-free) with re-noising: ring8 -/2.07/1.94/1.94, grid25 -/2.14/3.72/
+    # 5.33. These defaults pass every step count on grid25 (2.33/2.03/2.23/2.36), the alternatives fail 4 and 8 there.
     "mlcm": {
         "recipe": {"variant": "full", "omega_min": 0.0, "omega_max": 2.0, "loss": "l2", "target_ema_decay": 0.95,
                    "num_ddim_timesteps": 50, "segment_schedule": [8, 4, 2, 1], "stage_steps": [200, 200, 200],
@@ -141,10 +161,16 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
         "target_steps": 4,
         "trajectory": True,
     },
-    # sCD (spec B.6) in TrigFlow with a fresh ToyMLP outputting F (c_noise = 100 t), sigma_d = 1.4 ~ the ring8 data
-    # std (sigma_d = 0.5 and a v-predicting student in the teacher's DDPM time were worse at 1000 steps); scored at w=2.
+    # sCD (spec B.6) in TrigFlow with a fresh ToyMLP outputting F, sigma_d = 1.4 ~ the ring8 data std (sigma_d = 0.5
+    # and a v-predicting student in the teacher's DDPM time were worse at 1000 steps); scored at w = 2. The time input
+    # is sCM's identity c_noise(t) = t (time_scale 1): with c_noise = 100 t the sinusoidal time features oscillate
+    # ~25 times over [0, pi/2], dF/dt in the tangent is dominated by them (spec B.6 pitfall) and the rarely drawn
+    # t ~ t_max is not interpolated (ring8 SW2/floor 4.23 / 4.28 at 1 / 2 steps, mode-weight error 0.21); c_noise =
+    # 10 t gave 2.69 / 2.46, c_noise = t 2.31 / 1.88 (mode-weight error 0.02). These defaults, official runs (seed 0):
+    # ring8 2.24 / 1.96, grid25 2.97 / 3.09 (an experiment run of the same settings gave grid25 3.63 / 3.86: run-to-run
+    # spread is large there). 6000 updates at c_noise = 100 t did not help (4.57 / 5.44).
     "scm": {
-        "recipe": {"guidance_scale": 2.0, "sigma_data": 1.4, "time_scale": 100.0, "parameterization": "trigflow",
+        "recipe": {"guidance_scale": 2.0, "sigma_data": 1.4, "time_scale": 1.0, "parameterization": "trigflow",
                    "tangent_warmup": 500, "t_mid": 1.1, "sample_steps": 2},
         "train": {"max_steps": 2000, "lr": 1e-3, "lr_scheduler": "cosine", "grad_clip": 1.0, "ema_decay": 0.0},
         "batch_size": 256,
