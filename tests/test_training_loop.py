@@ -146,6 +146,31 @@ def test_reference_run_trains(reference, tmp_path_factory):
     assert skel["schedulers"]["student"]["last_epoch"] == skel["schedulers"]["critic"]["last_epoch"] == 12
 
 
+def test_resume_refuses_a_changed_recipe_or_teacher(tmp_path):
+    """A run folder whose recipe.* / teacher.* settings differ from the new config is not resumed (that would mix two
+    runs: a PD run restarted with another teacher_steps once resumed at round 2); its checkpoints stay untouched."""
+    import yaml
+
+    _run(tmp_path, max_steps=4)
+    path = tmp_path / "config.yaml"
+    for section, key, value in (("recipe", "teacher_steps", 16), ("teacher", "path", "digits:dit")):
+        raw = yaml.safe_load(path.read_text())
+        saved = copy.deepcopy(raw)
+        raw.setdefault(section, {})[key] = value
+        path.write_text(yaml.safe_dump(raw))
+        before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+        with pytest.raises(ValueError, match=rf"{section}\.{key} differ.*new run\.output_dir"):
+            _run(tmp_path, max_steps=8)
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before == ["step-0000004"]
+        path.write_text(yaml.safe_dump(saved))
+    raw = yaml.safe_load(path.read_text())
+    raw["recipe"]["sample_steps"] = 99  # preview-grid settings may change
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.warns(UserWarning, match="recipe.sample_steps"):
+        _run(tmp_path, max_steps=8)
+    assert latest_checkpoint(tmp_path).name == "step-0000008"
+
+
 def test_exact_resume_in_process(reference, tmp_path):
     _run(tmp_path, max_steps=8)  # "interrupted": stops (and checkpoints) at step 8
     assert latest_checkpoint(tmp_path).name == "step-0000008"

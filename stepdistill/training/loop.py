@@ -295,6 +295,7 @@ class _Trainer:
         if acc.num_processes > 1:
             broadcast_object_list(resume)
         self.resume_from = Path(resume[0]) if resume[0] else None
+        self._refuse_a_different_run()  # every rank reads the same file: all raise together, none waits alone
         if self.is_main:
             self._write_config()
         seed_everything(self.cfg.run.seed, self.rank)
@@ -375,14 +376,37 @@ class _Trainer:
             raise RuntimeError("under DeepSpeed set gradient_accumulation_steps in the DeepSpeed config, not "
                                "train.gradient_accumulation_steps (the engine accumulates itself)")
 
+    def _config_changes(self) -> list[str]:
+        """Keys whose value differs between the run folder's config.yaml and this config (resumed runs only)."""
+        path = self.run_dir / "config.yaml"
+        if self.resume_from is None or not path.is_file():
+            return []
+        with contextlib.suppress(yaml.YAMLError, AttributeError):
+            old = {f"{section}.{k}": v for section, values in yaml.safe_load(path.read_text()).items()
+                   for k, v in values.items()}
+            new = flatten_config(self.cfg)
+            return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "run.resume")
+        return []
+
+    def _refuse_a_different_run(self) -> None:
+        """Resuming continues the checkpointed run, so a changed ``recipe.*`` or ``teacher.*`` key (what is trained,
+        and from what; ``recipe.sample_*`` only shapes the preview grids) would silently mix two runs: refuse it."""
+        changed = [k for k in self._config_changes()
+                   if k.startswith(("recipe.", "teacher.")) and not k.startswith("recipe.sample_")]
+        if changed:
+            raise ValueError(
+                f"{self.run_dir} holds a checkpointed run whose {', '.join(changed)} differ from this config; resuming "
+                f"would continue that run with the new settings mixed in. Use a new run.output_dir (or move "
+                f"{self.run_dir} away) to start this one; train.* changes such as max_steps may resume.")
+
     def _write_config(self) -> None:
         path = self.run_dir / "config.yaml"
         if self.resume_from is not None and path.is_file():  # say what changed since the run started
             with contextlib.suppress(yaml.YAMLError, AttributeError):
+                changed = self._config_changes()
                 old = {f"{section}.{k}": v for section, values in yaml.safe_load(path.read_text()).items()
                        for k, v in values.items()}
                 new = flatten_config(self.cfg)
-                changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "run.resume")
                 if changed:
                     warnings.warn(f"resuming {self.run_dir} with a changed config: "
                                   + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed), stacklevel=2)
