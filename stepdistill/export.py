@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .models.teacher_io import TeacherBundle, pipeline_backbone_name
 
-__all__ = ["SamplingSpec", "export_full_student", "export_lora_student", "read_sampling_spec", "SAMPLING_FILE"]
+__all__ = ["SamplingSpec", "export_full_student", "export_lora_student", "read_sampling_spec", "write_sampling_spec",
+           "SAMPLING_FILE"]
 
 SAMPLING_FILE = "stepdistill_sampling.json"
 
@@ -55,6 +56,10 @@ def read_sampling_spec(folder: str | os.PathLike) -> SamplingSpec | None:
     if not f.exists():
         return None
     return SamplingSpec(**json.loads(f.read_text()))
+
+
+def write_sampling_spec(folder: str | os.PathLike, spec: SamplingSpec) -> None:
+    (Path(folder) / SAMPLING_FILE).write_text(json.dumps(asdict(spec), indent=2))
 
 
 def _export_pipeline_class(pipe, spec: SamplingSpec, backbone=None):
@@ -132,7 +137,7 @@ def _require_pipeline(teacher: TeacherBundle):
 
 
 def _finish(folder: Path, spec: SamplingSpec, pipeline_class: str) -> None:
-    (folder / SAMPLING_FILE).write_text(json.dumps(asdict(spec), indent=2))
+    write_sampling_spec(folder, spec)
     (folder / "README.md").write_text(_model_card(spec, pipeline_class))
 
 

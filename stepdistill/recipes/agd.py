@@ -343,11 +343,8 @@ class AGDRecipe(Recipe):
     def export(self, out_dir):
         from pathlib import Path
 
-        import json
-        from dataclasses import asdict
-
         from ..evaluation.teacher_ref import teacher_reference
-        from ..export import SAMPLING_FILE, SamplingSpec, _write_folder
+        from ..export import SamplingSpec, _write_folder, write_sampling_spec
 
         if self.handle is None:
             raise NotImplementedError("toy2d AGD adapters have no Diffusers export; their weights are in the run's "
@@ -386,6 +383,6 @@ handle.remove()  # back to the plain base model (and ordinary CFG)
         def write(tmp: Path) -> None:
             save_adapters(self.adapters, tmp)
             (tmp / "README.md").write_text(card)
-            (tmp / SAMPLING_FILE).write_text(json.dumps(asdict(spec), indent=2))
+            write_sampling_spec(tmp, spec)
 
         return _write_folder(out_dir, write)

@@ -43,8 +43,8 @@ from ..models.student import UNET_LORA_TARGETS
 from ..models.teacher_io import TeacherBundle
 from .base import Recipe, StepOutput, register_recipe
 from .gan_head import BottleneckFeatures, gan_discriminator_loss, gan_generator_loss, make_gan_head
-from .score_distill import build_generator_and_fake_score, discrete_vp_process, dm_gradient, draw_timesteps, \
-    fake_denoising_loss, guided_predict, sample_stats, surrogate_loss
+from .score_distill import annealed_range, build_generator_and_fake_score, discrete_vp_process, dm_gradient, \
+    draw_timesteps, fake_denoising_loss, guided_predict, sample_stats, surrogate_loss
 
 __all__ = ["DMD2Options", "DMD2Recipe", "renoise_rollout"]
 
@@ -161,8 +161,7 @@ class DMD2Recipe(Recipe):
         self.grid = [int(t) for t in options.timesteps]
         T = process.num_train_timesteps
         self.dm_range = (int(options.dm_t_min * T), min(int(options.dm_t_max * T), T - 1))
-        self.dm_range_late = None if options.dm_t_max_late is None else \
-            (self.dm_range[0], min(int(options.dm_t_max_late * T), T - 1))
+        self.dm_t_high_late = None if options.dm_t_max_late is None else min(int(options.dm_t_max_late * T), T - 1)
         self.head = None
         if options.gan:
             self.features = BottleneckFeatures(self._feature_net().backbone)
@@ -242,9 +241,7 @@ class DMD2Recipe(Recipe):
 
     def dm_t_range(self, step: int | None = None) -> tuple[int, int]:
         """The DM loss timestep range at update ``step`` (``dm_t_max_late`` from ``dm_t_anneal_step`` on)."""
-        if self.dm_range_late is not None and step is not None and step >= self.options.dm_t_anneal_step:
-            return self.dm_range_late
-        return self.dm_range
+        return annealed_range(*self.dm_range, self.dm_t_high_late, self.options.dm_t_anneal_step, step)
 
     def dm_loss(self, x0_gen: Tensor, cond, uncond, generator: torch.Generator,
                 step: int | None = None) -> tuple[Tensor, dict]:

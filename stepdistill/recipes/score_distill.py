@@ -30,8 +30,8 @@ from ..models.denoiser import Denoiser
 from ..models.student import add_lora, adapters_disabled, copy_backbone, freeze
 from .common import discrete_vp_process
 
-__all__ = ["dm_gradient", "vsd_gradient", "surrogate_loss", "draw_timesteps", "drop_conditions", "guided_predict",
-           "fake_denoising_loss", "sample_stats", "generator_backbone", "FakeScore", "load_unet_from",
+__all__ = ["annealed_range", "dm_gradient", "vsd_gradient", "surrogate_loss", "draw_timesteps", "drop_conditions",
+           "guided_predict", "fake_denoising_loss", "sample_stats", "generator_backbone", "FakeScore", "load_unet_from",
            "discrete_vp_process", "build_generator_and_fake_score"]
 
 
@@ -61,6 +61,14 @@ def draw_timesteps(n: int, low: int, high: int, generator: torch.Generator) -> T
     if not 0 <= low <= high:
         raise ValueError(f"timestep range [{low}, {high}] is empty or negative")
     return torch.randint(low, high + 1, (n,), generator=generator)
+
+
+def annealed_range(low: int, high: int, high_late: int | None, anneal_step: int, step: int | None) -> tuple[int, int]:
+    """Loss timestep range ``(low, high)`` with the upper end annealed (ProlificDreamer-style, spec B.7): from update
+    ``anneal_step`` on it is ``(low, high_late)``; ``high_late=None`` or an unknown ``step`` keeps ``(low, high)``."""
+    if high_late is not None and step is not None and step >= anneal_step:
+        return low, high_late
+    return low, high
 
 
 def _where(mask: Tensor, a, b):

@@ -38,8 +38,8 @@ from ..models.teacher_io import TeacherBundle
 from .base import Recipe, StepOutput, register_recipe
 from .clip_loss import ClampedClipLoss
 from .dmd2 import renoising_scheduler
-from .score_distill import build_generator_and_fake_score, discrete_vp_process, draw_timesteps, drop_conditions, \
-    fake_denoising_loss, guided_predict, load_unet_from, sample_stats, surrogate_loss, vsd_gradient
+from .score_distill import annealed_range, build_generator_and_fake_score, discrete_vp_process, draw_timesteps, \
+    drop_conditions, fake_denoising_loss, guided_predict, load_unet_from, sample_stats, surrogate_loss, vsd_gradient
 
 __all__ = ["VSDOptions", "VSDRecipe", "merge_weights"]
 
@@ -183,8 +183,7 @@ class VSDRecipe(Recipe):
     def t_range(self, step: int | None = None) -> tuple[int, int]:
         """The VSD timestep range at update ``step`` (``t_max_late`` from ``t_anneal_step`` on)."""
         o = self.options
-        late = o.t_max_late is not None and step is not None and step >= o.t_anneal_step
-        return o.t_min, (o.t_max_late if late else o.t_max)
+        return annealed_range(o.t_min, o.t_max, o.t_max_late, o.t_anneal_step, step)
 
     def vsd_loss(self, x0: Tensor, cond, uncond, generator: torch.Generator,
                  step: int | None = None) -> tuple[Tensor, dict]:

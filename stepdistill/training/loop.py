@@ -376,22 +376,25 @@ class _Trainer:
             raise RuntimeError("under DeepSpeed set gradient_accumulation_steps in the DeepSpeed config, not "
                                "train.gradient_accumulation_steps (the engine accumulates itself)")
 
-    def _config_changes(self) -> list[str]:
-        """Keys whose value differs between the run folder's config.yaml and this config (resumed runs only)."""
+    def _config_changes(self) -> dict[str, tuple]:
+        """``{key: (old, new)}`` for every key whose value differs between the run folder's config.yaml and this
+        config (resumed runs only; ``run.resume`` itself is left out)."""
         path = self.run_dir / "config.yaml"
         if self.resume_from is None or not path.is_file():
-            return []
+            return {}
         with contextlib.suppress(yaml.YAMLError, AttributeError):
             old = {f"{section}.{k}": v for section, values in yaml.safe_load(path.read_text()).items()
                    for k, v in values.items()}
             new = flatten_config(self.cfg)
-            return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "run.resume")
-        return []
+            return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+                    if old.get(k) != new.get(k) and k != "run.resume"}
+        return {}
 
     def _refuse_a_different_run(self) -> None:
         """Resuming continues the checkpointed run, so a changed ``recipe.*`` or ``teacher.*`` key (what is trained,
         and from what; ``recipe.sample_*`` only shapes the preview grids) would silently mix two runs: refuse it."""
-        changed = [k for k in self._config_changes()
+        self.config_changes = self._config_changes()  # read once; _write_config reports the same changes
+        changed = [k for k in self.config_changes
                    if k.startswith(("recipe.", "teacher.")) and not k.startswith("recipe.sample_")]
         if changed:
             raise ValueError(
@@ -400,17 +403,11 @@ class _Trainer:
                 f"{self.run_dir} away) to start this one; train.* changes such as max_steps may resume.")
 
     def _write_config(self) -> None:
-        path = self.run_dir / "config.yaml"
-        if self.resume_from is not None and path.is_file():  # say what changed since the run started
-            with contextlib.suppress(yaml.YAMLError, AttributeError):
-                changed = self._config_changes()
-                old = {f"{section}.{k}": v for section, values in yaml.safe_load(path.read_text()).items()
-                       for k, v in values.items()}
-                new = flatten_config(self.cfg)
-                if changed:
-                    warnings.warn(f"resuming {self.run_dir} with a changed config: "
-                                  + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed), stacklevel=2)
-        save_config(self.cfg, path)
+        if self.config_changes:  # say what changed since the run started
+            warnings.warn(f"resuming {self.run_dir} with a changed config: "
+                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.config_changes.items()),
+                          stacklevel=2)
+        save_config(self.cfg, self.run_dir / "config.yaml")
 
     def _build_optimizers(self, groups: dict[str, list]):
         from diffusers.optimization import get_scheduler
