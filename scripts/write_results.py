@@ -121,12 +121,48 @@ def _digits_row_label(row: dict) -> str:
     return f"{row['name']} (training-free)"
 
 
+SPEED_TARGETS = {1: 60.0, 4: 20.0}
+"""Issue #8: exported 1-step students at least 60x faster than the teacher at 50 steps with CFG, 4-step at least 20x."""
+
+
+def _speed_target(steps, speedup) -> str:
+    target = SPEED_TARGETS.get(steps)
+    if target is None or speedup is None:
+        return "-"
+    return "ok" if speedup >= target else f"< {target:g}x"
+
+
+def digits_summary(items: list[tuple[Path, dict]]) -> list[str]:
+    """One row per exported student and step count: its FID as a multiple of its own run's teacher row, and its
+    speedup against that teacher (both measured in the same process) next to the issue #8 speed targets."""
+    lines = ["### Summary: every student row against its teacher", "",
+             "FID ratio = student domain FID / the teacher's (its default steps with CFG) in the same run. Speed target "
+             "(issue #8): 1 step at least 60x, 4 steps at least 20x faster than that teacher, same process.", "",
+             "| student | teacher | steps | NFE | domain FID | FID ratio | class accuracy | speedup | speed target |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f, r in items:
+        teacher = next((row for row in r["rows"] if row.get("kind") == "teacher"), None)
+        t_fid = teacher.get("domain_fid") if teacher else None
+        for row in r["rows"]:
+            if row.get("kind") != "student":
+                continue
+            fid = row.get("domain_fid")
+            ratio = None if fid is None or not t_fid else fid / t_fid
+            lines.append(f"| {r.get('recipe', '?')} (`{r.get('model', '?')}`) | {r.get('teacher', '?')} | "
+                         f"{row.get('steps', '-')} | {_fmt(row.get('nfe'), 'g')} | {_fmt(fid, '.2f')} | "
+                         f"{_fmt(ratio, '.2f')} | {_fmt(row.get('class_accuracy'), '.3f')} | "
+                         f"{_fmt(row.get('speedup_vs_teacher'), '.1f')}x | "
+                         f"{_speed_target(row.get('steps'), row.get('speedup_vs_teacher'))} |")
+    return lines + [""]
+
+
 def digits_table(items: list[tuple[Path, dict]], base: Path) -> list[str]:
     lines = ["## digits (scikit-learn handwritten digits, 16x16)", "",
              "Domain FID: Frechet distance of the digit classifier's penultimate features between the samples and "
              "the 360 held-out test digits (lower is better; compare only at equal sample counts). Class accuracy: "
              "the classifier's agreement with the requested digit. NFE is measured (backbone evaluations per image; "
              "a CFG step counts 2). Speedup: teacher seconds per image / row seconds per image, same run.", ""]
+    lines += digits_summary(items)
     for f, r in items:
         lines += [f"### {r.get('recipe', '?')} student: `{r.get('model', '?')}`", "",
                   f"Teacher `{r.get('teacher', '?')}`, {r.get('num_samples', '?')} samples per row, reference: "

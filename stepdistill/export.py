@@ -24,8 +24,8 @@ from pathlib import Path
 
 from .models.teacher_io import TeacherBundle, pipeline_backbone_name
 
-__all__ = ["SamplingSpec", "export_full_student", "export_lora_student", "read_sampling_spec", "write_sampling_spec",
-           "SAMPLING_FILE"]
+__all__ = ["SamplingSpec", "export_full_student", "export_lora_student", "fit_step_count_schedule",
+           "pipeline_takes_timesteps", "read_sampling_spec", "write_sampling_spec", "SAMPLING_FILE"]
 
 SAMPLING_FILE = "stepdistill_sampling.json"
 
@@ -43,10 +43,14 @@ class SamplingSpec:
     lora: bool = False
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    timesteps_from_steps: bool = False
+    """True when the pipeline takes no ``timesteps`` argument (``DiTPipeline``, ``DDPMPipeline``) and the saved
+    scheduler's ``set_timesteps(num_inference_steps)`` yields ``timesteps`` by itself (see
+    :func:`fit_step_count_schedule`): callers pass ``num_inference_steps`` only."""
 
     def call_kwargs(self) -> dict:
         kw = {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
-        if self.timesteps:
+        if self.timesteps and not self.timesteps_from_steps:
             kw = {"timesteps": list(self.timesteps), "guidance_scale": self.guidance_scale}
         return kw
 
@@ -60,6 +64,65 @@ def read_sampling_spec(folder: str | os.PathLike) -> SamplingSpec | None:
 
 def write_sampling_spec(folder: str | os.PathLike, spec: SamplingSpec) -> None:
     (Path(folder) / SAMPLING_FILE).write_text(json.dumps(asdict(spec), indent=2))
+
+
+def pipeline_takes_timesteps(pipe_or_cls) -> bool:
+    """Whether a Diffusers pipeline's ``__call__`` accepts a custom ``timesteps`` list (``DiTPipeline`` and
+    ``DDPMPipeline`` do not: they only call ``scheduler.set_timesteps(num_inference_steps)``)."""
+    cls = pipe_or_cls if isinstance(pipe_or_cls, type) else type(pipe_or_cls)
+    return "timesteps" in inspect.signature(cls.__call__).parameters
+
+
+def _step_count_timesteps(scheduler, steps: int, original_steps: int) -> list[int]:
+    scheduler.set_timesteps(steps, original_inference_steps=original_steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def fit_step_count_schedule(scheduler, timesteps, *, exact: bool = True):
+    """An ``LCMScheduler`` whose ``set_timesteps(len(timesteps))`` alone yields ``timesteps`` -> (scheduler, grid).
+
+    Pipelines without a ``timesteps`` argument can only ask for a step count. ``LCMScheduler.set_timesteps(n)`` takes
+    ``n`` evenly spaced entries of its ``original_inference_steps`` (O) grid ``{k i - 1}``, ``k = T // O``, so the
+    grids a stock call reaches are one per O. This searches O in ``[n, T]`` for the grid equal to ``timesteps``;
+    with ``exact=False`` it returns the reachable grid nearest to it (least summed absolute timestep difference, ties
+    to the larger O) -- for continuous-time students (sCM) that are valid at any t, so moving a sampling time changes
+    the sampler, not the model. Raises ``ValueError`` when ``exact`` and no O reproduces the grid.
+    """
+    from diffusers import LCMScheduler
+
+    if not isinstance(scheduler, LCMScheduler):
+        raise ValueError(f"only LCMScheduler schedules can be fitted to a step count, got {type(scheduler).__name__}")
+    grid = [int(t) for t in timesteps]
+    n, total = len(grid), int(scheduler.config.num_train_timesteps)
+    probe = LCMScheduler.from_config(scheduler.config)
+    best = None
+    for original in range(total, n - 1, -1):
+        got = _step_count_timesteps(probe, n, original)
+        err = sum(abs(a - b) for a, b in zip(got, grid))
+        if best is None or err < best[0]:
+            best = (err, original, got)
+        if err == 0:
+            break
+    err, original, got = best
+    if exact and err:
+        raise ValueError(f"no LCMScheduler step count reproduces the timesteps {grid} (nearest: {got}, "
+                         f"original_inference_steps={original}); this pipeline takes no `timesteps` argument, so "
+                         f"train the student on a grid that set_timesteps({n}) reaches, e.g. {got}")
+    return LCMScheduler.from_config(scheduler.config, original_inference_steps=original), got
+
+
+def _check_sampling_reachable(cls, scheduler, spec: SamplingSpec) -> None:
+    """A spec with custom timesteps must be reachable by the exported pipeline (see :func:`fit_step_count_schedule`)."""
+    if not spec.timesteps or pipeline_takes_timesteps(cls):
+        return
+    original = scheduler.config.get("original_inference_steps")
+    got = None if original is None else \
+        _step_count_timesteps(type(scheduler).from_config(scheduler.config), len(spec.timesteps), original)
+    if not spec.timesteps_from_steps or got != [int(t) for t in spec.timesteps]:
+        raise ValueError(f"{cls.__name__} takes no `timesteps` argument and the {type(scheduler).__name__} being "
+                         f"exported does not yield {list(spec.timesteps)} from num_inference_steps="
+                         f"{len(spec.timesteps)} (it gives {got}); fit it with stepdistill.export.fit_step_count_schedule "
+                         f"and set SamplingSpec.timesteps_from_steps")
 
 
 def _export_pipeline_class(pipe, spec: SamplingSpec, backbone=None):
@@ -148,6 +211,7 @@ def export_full_student(teacher: TeacherBundle, backbone, scheduler, out_dir, sp
     components[pipeline_backbone_name(pipe)] = backbone
     components["scheduler"] = scheduler
     cls = _export_pipeline_class(pipe, spec, backbone)
+    _check_sampling_reachable(cls, scheduler, spec)
     new_pipe = _build_pipeline(cls, components)
 
     def write(tmp: Path) -> None:
@@ -176,6 +240,7 @@ def export_lora_student(teacher: TeacherBundle, lora_layers: dict, scheduler, ou
     base = unwrap(components[key])
     components["scheduler"] = scheduler
     cls = type(pipe)
+    _check_sampling_reachable(cls, scheduler, spec)
 
     def write(tmp: Path) -> None:
         components[key] = base_model_without_lora(base)

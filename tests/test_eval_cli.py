@@ -127,6 +127,8 @@ def _synthetic_results(folder: Path) -> None:
         {"name": "teacher", "kind": "teacher", "solver": "DDIMScheduler", "steps": 50, "nfe": 100.0,
          "sec_per_image": 0.2, "speedup_vs_teacher": 1.0, "domain_fid": 1.5, "class_accuracy": 0.95,
          "grid": "digits-lcm-samples/teacher-50steps.png"},
+        {"name": "lcm", "kind": "student", "solver": "LCMScheduler", "steps": 1, "nfe": 1.0, "sec_per_image": 0.004,
+         "speedup_vs_teacher": 50.0, "domain_fid": 6.0, "class_accuracy": 0.8},
         {"name": "lcm", "kind": "student", "solver": "LCMScheduler", "steps": 2, "nfe": 2.0, "sec_per_image": 0.01,
          "speedup_vs_teacher": 20.0, "domain_fid": 4.25, "class_accuracy": 0.9,
          "grid": "digits-lcm-samples/student-2steps.png"},
@@ -157,6 +159,9 @@ def test_write_results_tables_figure_and_determinism(tmp_path):
     assert "| lcm (student) | LCMScheduler | 2 | 2 | 4.25 | 0.900 | 0.0100 | 20.0x |" in text
     assert "| DDIM (training-free) | DDIMScheduler | 1 | 2 | 90.00 | 0.200 | 0.0100 | 20.0x |" in text
     assert "(results/digits-lcm-samples/student-2steps.png)" in text
+    # summary: FID as a multiple of the same run's teacher, speedup against the issue #8 targets (1 step: 60x)
+    assert "| lcm (`runs/lcm-digits-sd/export`) | digits:sd | 1 | 1 | 6.00 | 4.00 | 0.800 | 50.0x | < 60x |" in text
+    assert "| lcm (`runs/lcm-digits-sd/export`) | digits:sd | 2 | 2 | 4.25 | 2.83 | 0.900 | 20.0x | - |" in text
     assert "`stepdistill eval X --suite digits`" in text and "`stepdistill bench toy2d --recipe lcm`" in text
     assert "[jvp-attention-cpu.json](results/jvp-attention-cpu.json)" in text
     first_png = fig.read_bytes()

@@ -139,7 +139,7 @@ def save_grid(images: torch.Tensor, path: Path, max_images: int = 50) -> None:
 
 def student_kwargs(spec, steps: int) -> dict:
     kw = {"guidance_scale": float(spec.guidance_scale)}
-    if spec.timesteps and len(spec.timesteps) == steps:
+    if spec.timesteps and len(spec.timesteps) == steps and not getattr(spec, "timesteps_from_steps", False):
         kw["timesteps"] = list(spec.timesteps)
     else:
         kw["num_inference_steps"] = int(steps)

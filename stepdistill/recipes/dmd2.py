@@ -159,6 +159,7 @@ class DMD2Recipe(Recipe):
                     unwrap(net).enable_gradient_checkpointing()
         teacher.denoiser.to(self.device)
         self.grid = [int(t) for t in options.timesteps]
+        self.stock_schedule()  # a grid the teacher's pipeline cannot sample fails here, not after training
         T = process.num_train_timesteps
         self.dm_range = (int(options.dm_t_min * T), min(int(options.dm_t_max * T), T - 1))
         self.dm_t_high_late = None if options.dm_t_max_late is None else min(int(options.dm_t_max_late * T), T - 1)
@@ -339,14 +340,42 @@ class DMD2Recipe(Recipe):
     def scheduler(self):
         return renoising_scheduler(self.teacher, self.student.prediction)
 
+    def stock_schedule(self):
+        """(scheduler, by_steps) of the export: see :func:`grid_scheduler`."""
+        return grid_scheduler(self.teacher, self.student.prediction, self.grid)
+
     def export(self, out_dir):
+        from ..evaluation.teacher_ref import teacher_reference
         from ..export import SamplingSpec, export_full_student
 
+        sched, by_steps = self.stock_schedule()
+        how = f"Pass timesteps={self.grid} (the grid the generator was trained on)"
+        if by_steps:
+            how = (f"Pass num_inference_steps={len(self.grid)}: the saved LCMScheduler "
+                   f"(original_inference_steps={sched.config.original_inference_steps}) steps on the trained grid "
+                   f"{self.grid}")
         spec = SamplingSpec(recipe="dmd2", num_inference_steps=len(self.grid), guidance_scale=1.0,
-                            scheduler="LCMScheduler", timesteps=list(self.grid),
-                            notes=f"Pass timesteps={self.grid} (the grid the generator was trained on); no CFG "
-                                  f"(w_real={self.options.w_real} is distilled in).")
-        return export_full_student(self.teacher, unwrap(self.student.backbone), self.scheduler(), out_dir, spec)
+                            scheduler="LCMScheduler", timesteps=list(self.grid), timesteps_from_steps=by_steps,
+                            notes=f"{how}; no CFG (w_real={self.options.w_real} is distilled in).",
+                            extra={"teacher": teacher_reference(self.teacher.pipeline)})
+        return export_full_student(self.teacher, unwrap(self.student.backbone), sched, out_dir, spec)
+
+
+def grid_scheduler(teacher: TeacherBundle, prediction: str, grid) -> tuple:
+    """(scheduler, by_steps): the :func:`renoising_scheduler` that samples ``grid`` in the teacher's stock pipeline.
+
+    When that pipeline takes no ``timesteps`` argument (``DiTPipeline``, ``DDPMPipeline``) the scheduler is fitted so
+    that ``set_timesteps(len(grid))`` yields the grid exactly (``by_steps``; a generator trained only at its grid's
+    timesteps must be sampled there); a grid no step count reaches is a ``ValueError`` naming the nearest one."""
+    from ..export import fit_step_count_schedule, pipeline_takes_timesteps
+
+    sched = renoising_scheduler(teacher, prediction)
+    if teacher.pipeline is None or pipeline_takes_timesteps(teacher.pipeline):
+        return sched, False
+    try:
+        return fit_step_count_schedule(sched, grid, exact=True)[0], True
+    except ValueError as exc:
+        raise ValueError(f"recipe.timesteps: {exc}") from None
 
 
 def renoising_scheduler(teacher: TeacherBundle, prediction: str):

@@ -468,7 +468,7 @@ class SCMRecipe(Recipe):
           ``SCMScheduler``, and it needs a guidance-embedded Sana transformer in RF parameterization at sigma_d = 1).
         """
         from ..evaluation.teacher_ref import teacher_reference
-        from ..export import SamplingSpec, export_full_student
+        from ..export import SamplingSpec, export_full_student, fit_step_count_schedule, pipeline_takes_timesteps
 
         o = self.options
         teacher_ref = teacher_reference(self.teacher.pipeline) if self.teacher.pipeline is not None else None
@@ -487,9 +487,20 @@ class SCMRecipe(Recipe):
             cfg.update(prediction_type=diffusers_prediction_type(self.student.prediction), timestep_spacing="leading")
             sched = LCMScheduler.from_config(cfg)
             idx = [self._vp_index(t) for t in times]
+            notes = f"sCM sampler times {times} (TrigFlow, sigma_d={o.sigma_data}) mapped to teacher timesteps {idx}."
+            by_steps = not pipeline_takes_timesteps(self.teacher.pipeline)
+            if by_steps:
+                # DiTPipeline / DDPMPipeline take no `timesteps`: sample on the step-count grid nearest to the sCM
+                # times (the consistency function is trained on all t, so this moves the sampler, not the model).
+                sched, fitted = fit_step_count_schedule(sched, idx, exact=False)
+                if fitted != idx:
+                    notes += (f" {type(self.teacher.pipeline).__name__} takes no `timesteps`, so the saved scheduler "
+                              f"(original_inference_steps={sched.config.original_inference_steps}) steps on the "
+                              f"nearest grid set_timesteps({len(idx)}) reaches: {fitted}.")
+                idx = fitted
+                times = [float(self.grid_t[i]) for i in idx]
             spec = SamplingSpec(recipe="scm", num_inference_steps=len(idx), guidance_scale=w, scheduler="LCMScheduler",
-                                timesteps=idx, notes=f"sCM sampler times {times} (TrigFlow, sigma_d={o.sigma_data}) "
-                                                     f"mapped to teacher timesteps {idx}.",
+                                timesteps=idx, timesteps_from_steps=by_steps, notes=notes,
                                 extra={"trigflow_times": times, "sigma_data": o.sigma_data, "teacher": teacher_ref})
         elif isinstance(self.process, RectifiedFlow):
             from diffusers import FlowMatchLCMScheduler

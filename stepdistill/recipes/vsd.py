@@ -37,7 +37,7 @@ from ..models.backbones import unwrap
 from ..models.teacher_io import TeacherBundle
 from .base import Recipe, StepOutput, register_recipe
 from .clip_loss import ClampedClipLoss
-from .dmd2 import renoising_scheduler
+from .dmd2 import grid_scheduler
 from .score_distill import annealed_range, build_generator_and_fake_score, discrete_vp_process, draw_timesteps, \
     drop_conditions, fake_denoising_loss, guided_predict, load_unet_from, sample_stats, surrogate_loss, vsd_gradient
 
@@ -267,6 +267,7 @@ class VSDRecipe(Recipe):
     def export(self, out_dir):
         import copy
 
+        from ..evaluation.teacher_ref import teacher_reference
         from ..export import SamplingSpec, export_full_student
 
         net = unwrap(self.student.backbone)
@@ -274,7 +275,9 @@ class VSDRecipe(Recipe):
             net = copy.deepcopy(net)
             net.load_state_dict(self.export_state())
         t = self.options.conditioning_timestep
+        sched, by_steps = grid_scheduler(self.teacher, self.student.prediction, [t])
         spec = SamplingSpec(recipe="vsd", num_inference_steps=1, guidance_scale=1.0, scheduler="LCMScheduler",
-                            timesteps=[t], notes=f"One step at t={t} on pure noise; no CFG (distilled in).")
-        return export_full_student(self.teacher, net, renoising_scheduler(self.teacher, self.student.prediction),
-                                   out_dir, spec)
+                            timesteps=[t], timesteps_from_steps=by_steps,
+                            notes=f"One step at t={t} on pure noise; no CFG (distilled in).",
+                            extra={"teacher": teacher_reference(self.teacher.pipeline)})
+        return export_full_student(self.teacher, net, sched, out_dir, spec)

@@ -31,7 +31,7 @@ _CHILD = textwrap.dedent(
         pipe.load_lora_weights(folder)
     pipe.set_progress_bar_config(disable=True)
     kw = {"num_inference_steps": spec["num_inference_steps"], "guidance_scale": spec["guidance_scale"]}
-    if spec.get("timesteps"):
+    if spec.get("timesteps") and not spec.get("timesteps_from_steps"):
         kw = {"timesteps": spec["timesteps"], "guidance_scale": spec["guidance_scale"]}
     kw.update(call)
     calls = []
