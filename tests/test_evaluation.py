@@ -150,3 +150,28 @@ def test_clip_checkpoint_file_with_builtin_backbone_name(tiny_clip_dir, tmp_path
         load_clip(tiny_clip_dir / "open_clip_model.safetensors")
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
         load_clip(tmp_path / "missing.safetensors", backbone="ViT-B-32")
+
+
+def test_class_pipeline_rows_do_not_depend_on_the_global_rng():
+    """DiTPipeline does not hand its generator to scheduler.step, so an LCMScheduler (which re-noises between steps)
+    used to draw from the global RNG and the same eval command gave different multistep FIDs. A row must depend only
+    on its seed, and sampling must leave the caller's global RNG state alone."""
+    from diffusers import LCMScheduler
+
+    from stepdistill.evaluation.pipeline_runs import _call_pipe
+    from stepdistill.models.teacher_io import load_pipeline
+    from stepdistill.testing.tiny_pipelines import tiny_pipeline_dir
+
+    pipe = load_pipeline(tiny_pipeline_dir("dit"))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    labels = torch.tensor([0, 1, 2, 3])
+    kw = {"num_inference_steps": 4, "guidance_scale": 1.0}
+    torch.manual_seed(1)
+    first = _call_pipe(pipe, "class", labels, None, kw, seed=7, image_size=None)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    second = _call_pipe(pipe, "class", labels, None, kw, seed=7, image_size=None)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, second)
+    other_seed = _call_pipe(pipe, "class", labels, None, kw, seed=8, image_size=None)
+    assert not torch.equal(first, other_seed)

@@ -91,7 +91,12 @@ def _call_pipe(pipe, kind: str, labels: torch.Tensor, prompts, kw: dict, seed: i
         out = pipe(prompt=list(prompts), height=image_size, width=image_size, generator=g, output_type="pt", **kw)
         return _to_nchw(out.images)
     if kind == "class":
-        return _to_nchw(pipe(class_labels=labels.tolist(), generator=g, output_type="pt", **kw).images)
+        # Stock DiTPipeline does not pass `generator` to scheduler.step, so a stochastic multistep scheduler (the
+        # LCMScheduler of consistency / DMD2 exports re-noises between steps) draws from the global RNG: seed it too,
+        # inside fork_rng so the caller's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _to_nchw(pipe(class_labels=labels.tolist(), generator=g, output_type="pt", **kw).images)
     from ..benchmarks.digits.sampling import sample_with_scheduler
 
     if "timesteps" in kw:
