@@ -93,8 +93,9 @@ def _call_pipe(pipe, kind: str, labels: torch.Tensor, prompts, kw: dict, seed: i
     if kind == "class":
         # Stock DiTPipeline does not pass `generator` to scheduler.step, so a stochastic multistep scheduler (the
         # LCMScheduler of consistency / DMD2 exports re-noises between steps) draws from the global RNG: seed it too,
-        # inside fork_rng so the caller's RNG state is left as it was.
-        with torch.random.fork_rng(devices=[]):
+        # inside fork_rng (CPU and every visible CUDA device: on GPU the scheduler's noise comes from the CUDA
+        # generator, which manual_seed also reseeds) so the caller's RNG state is left as it was.
+        with torch.random.fork_rng():
             torch.manual_seed(seed)
             return _to_nchw(pipe(class_labels=labels.tolist(), generator=g, output_type="pt", **kw).images)
     from ..benchmarks.digits.sampling import sample_with_scheduler
