@@ -80,3 +80,29 @@ class Conditioning:
 
     def replace(self, **kw) -> "Conditioning":
         return replace(self, **kw)
+
+    def flat_state(self, prefix: str = "cond") -> dict[str, Tensor]:
+        """The tensors as one flat ``{name: tensor}`` dict (``PREFIX__field`` or ``PREFIX__field__key``), for
+        checkpoints (safetensors holds flat tensor dicts); :meth:`from_flat_state` inverts it."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if torch.is_tensor(v):
+                out[f"{prefix}__{f.name}"] = v
+            elif isinstance(v, dict):
+                out.update({f"{prefix}__{f.name}__{k}": t for k, t in v.items()})
+        return out
+
+    @classmethod
+    def from_flat_state(cls, flat: dict[str, Tensor], prefix: str = "cond") -> "Conditioning":
+        """Inverse of :meth:`flat_state`; keys without the prefix are ignored."""
+        kw: dict = {}
+        for key, v in flat.items():
+            parts = key.split("__")
+            if parts[0] != prefix:
+                continue
+            if len(parts) == 2:
+                kw[parts[1]] = v
+            else:
+                kw.setdefault(parts[1], {})[parts[2]] = v
+        return cls(**kw)

@@ -42,6 +42,7 @@ from ..models.denoiser import Denoiser
 from ..models.student import UNET_LORA_TARGETS
 from ..models.teacher_io import TeacherBundle
 from .base import Recipe, StepOutput, register_recipe
+from .ode_regression import ODERegression, ODERegressionOptions
 from .gan_head import BottleneckFeatures, gan_discriminator_loss, gan_generator_loss, make_gan_head
 from .score_distill import annealed_range, build_generator_and_fake_score, discrete_vp_process, dm_gradient, \
     draw_timesteps, fake_denoising_loss, guided_predict, sample_stats, surrogate_loss
@@ -50,7 +51,7 @@ __all__ = ["DMD2Options", "DMD2Recipe", "renoise_rollout"]
 
 
 @dataclass
-class DMD2Options:
+class DMD2Options(ODERegressionOptions):
     """Options of the ``dmd2`` recipe (``recipe.*`` keys). Defaults: the official SDXL-style setting with the GAN."""
 
     w_real: float = 8.0
@@ -100,6 +101,7 @@ class DMD2Options:
     """Prompts (or class labels) for the periodic sample grids; empty = taken from the first batch."""
 
     def validate(self) -> None:
+        self.validate_regression()
         if not self.timesteps or any(int(t) != t or t < 0 for t in self.timesteps) \
                 or any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
             raise ValueError(f"recipe.timesteps must be a non-empty, strictly decreasing list of integer timesteps, "
@@ -169,6 +171,8 @@ class DMD2Recipe(Recipe):
             with torch.no_grad():
                 probe = self._probe_features()
             self.head = make_gan_head(probe).to(self.device)
+        self.regression = ODERegression(options, teacher, process, options.w_real, self.grid[0],
+                                        self.fake.teacher_context) if options.regression else None
         self._sample_conditions = options.sample_conditions
 
     # ------------------------------------------------------------------ networks
@@ -223,6 +227,9 @@ class DMD2Recipe(Recipe):
     def generator_updates(self, step: int) -> bool:
         """Whether update ``step`` trains the generator (a function of ``step`` alone, as the loop requires)."""
         o = self.options
+        if step < o.regression_warmup_steps:
+            return True
+        step -= o.regression_warmup_steps
         return step >= o.fake_warmup_steps and (step - o.fake_warmup_steps) % o.update_ratio == 0
 
     def _simulation_index(self, step: int) -> int:
@@ -239,6 +246,11 @@ class DMD2Recipe(Recipe):
             with torch.no_grad():
                 x = renoise_rollout(self.student, x, self.grid[:k + 1], cond, generator)
         return x, torch.full((n,), self.grid[k], device=self.device)
+
+    def _one_step_x0(self, noise: Tensor, cond) -> Tensor:
+        """G's x0 for pure noise at the grid's first time (what the ODE-pair regression trains)."""
+        t = torch.full((noise.shape[0],), self.grid[0], device=self.device)
+        return self.student.predict(noise, t, cond, want="x0")["x0"]
 
     def dm_t_range(self, step: int | None = None) -> tuple[int, int]:
         """The DM loss timestep range at update ``step`` (``dm_t_max_late`` from ``dm_t_anneal_step`` on)."""
@@ -267,12 +279,19 @@ class DMD2Recipe(Recipe):
         cond, uncond = self.teacher.encode_conditions(conditions, dev)
         n = cond.batch_size or len(conditions)
         update_gen = self.generator_updates(step)
+        regressing = self.regression is not None and self.regression.warming_up(step)
+        if self.regression is not None:
+            self.regression.fill(cond, uncond, generator)
         x, t_in = self.generator_input(n, cond, step, generator)
-        with torch.set_grad_enabled(update_gen):
+        with torch.set_grad_enabled(update_gen and not regressing):
             x0_gen = self.student.predict(x, t_in, cond, want="x0")["x0"]
         logs = dict(sample_stats(x0_gen))
         losses = {}
-        if update_gen:
+        loss_reg = None if self.regression is None else \
+            self.regression.student_term(step, update_gen, self._one_step_x0, n, generator, dev, logs)
+        if regressing:
+            losses["student"] = loss_reg
+        elif update_gen:
             loss_g, dm_logs = self.dm_loss(x0_gen, cond, uncond, generator, step)
             logs.update(dm_logs)
             logs["loss_dm"] = loss_g.detach()
@@ -280,6 +299,8 @@ class DMD2Recipe(Recipe):
                 gen_gan = gan_generator_loss(self._logit(x0_gen, cond, generator))
                 logs["loss_gan_gen"] = gen_gan.detach()
                 loss_g = loss_g + o.gan_weight_gen * gen_gan
+            if loss_reg is not None:
+                loss_g = loss_g + o.regression_weight * loss_reg
             losses["student"] = loss_g
         x0_d = x0_gen.detach()
         t_f = draw_timesteps(n, 0, self.process.num_train_timesteps - 1, generator).to(dev)
@@ -303,6 +324,8 @@ class DMD2Recipe(Recipe):
         state = {"student": unwrap(self.student.backbone).state_dict(), "fake_score": self.fake.state_dict()}
         if self.head is not None:
             state["gan_head"] = unwrap(self.head).state_dict()
+        if self.regression is not None and self.regression.pool.count:
+            state["ode_pairs"] = self.regression.pool.state_dict()
         return state
 
     def load_state_dict_from_checkpoint(self, state):
@@ -310,6 +333,8 @@ class DMD2Recipe(Recipe):
         self.fake.load_state_dict(state["fake_score"])
         if self.head is not None:
             unwrap(self.head).load_state_dict(state["gan_head"])
+        if self.regression is not None and "ode_pairs" in state:
+            self.regression.pool.load_state_dict(state["ode_pairs"])
 
     # ------------------------------------------------------------------ sampling and export
     def sampling_timesteps(self, steps: int | None = None) -> list[int]:

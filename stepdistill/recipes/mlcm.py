@@ -42,7 +42,7 @@ stock scheduler closest to it, not wired up here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -126,30 +126,6 @@ def multistep_consistency(z_t: Tensor, x0: Tensor, ct, cs) -> Tensor:
     return ddim_step_from_x0(z_t.float(), x0, ct, cs)
 
 
-def _flatten_cond(cond: Conditioning) -> dict[str, Tensor]:
-    out = {}
-    for f in fields(cond):
-        v = getattr(cond, f.name)
-        if torch.is_tensor(v):
-            out[f"cond__{f.name}"] = v
-        elif isinstance(v, dict):
-            out.update({f"cond__{f.name}__{k}": t for k, t in v.items()})
-    return out
-
-
-def _unflatten_cond(flat: dict[str, Tensor]) -> Conditioning:
-    kw: dict = {}
-    for key, v in flat.items():
-        parts = key.split("__")
-        if parts[0] != "cond":
-            continue
-        if len(parts) == 2:
-            kw[parts[1]] = v
-        else:
-            kw.setdefault(parts[1], {})[parts[2]] = v
-    return Conditioning(**kw)
-
-
 @dataclass
 class TrajectoryBank:
     """Teacher trajectories: ``states[i, j]`` is trajectory i at grid point ``grid[j]`` (``states[i, 0]`` the
@@ -162,11 +138,11 @@ class TrajectoryBank:
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"states": self.states, "omega": self.omega, "built_at": torch.tensor(self.built_at),
-                **_flatten_cond(self.cond)}
+                **self.cond.flat_state()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> "TrajectoryBank":
-        return cls(state["states"], state["omega"], _unflatten_cond(state), int(state["built_at"]))
+        return cls(state["states"], state["omega"], Conditioning.from_flat_state(state), int(state["built_at"]))
 
 
 @register_recipe("mlcm")

@@ -38,6 +38,7 @@ from ..models.teacher_io import TeacherBundle
 from .base import Recipe, StepOutput, register_recipe
 from .clip_loss import ClampedClipLoss
 from .dmd2 import grid_scheduler
+from .ode_regression import ODERegression, ODERegressionOptions
 from .score_distill import annealed_range, build_generator_and_fake_score, discrete_vp_process, draw_timesteps, \
     drop_conditions, fake_denoising_loss, guided_predict, load_unet_from, sample_stats, surrogate_loss, vsd_gradient
 
@@ -45,7 +46,7 @@ __all__ = ["VSDOptions", "VSDRecipe", "merge_weights"]
 
 
 @dataclass
-class VSDOptions:
+class VSDOptions(ODERegressionOptions):
     """Options of the ``vsd`` recipe (``recipe.*`` keys). Defaults: SwiftBrush on SD2.1-base [code]."""
 
     guidance_scale: float = 4.5
@@ -105,6 +106,7 @@ class VSDOptions:
     """Prompts (or class labels) for the periodic sample grids; empty = taken from the first batch."""
 
     def validate(self) -> None:
+        self.validate_regression()
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"need 0 <= recipe.t_min <= recipe.t_max, got {self.t_min}, {self.t_max}")
         if self.t_max_late is not None and not self.t_min <= self.t_max_late:
@@ -152,6 +154,10 @@ class VSDRecipe(Recipe):
         if options.gradient_checkpointing and hasattr(unwrap(self.student.backbone), "enable_gradient_checkpointing"):
             unwrap(self.student.backbone).enable_gradient_checkpointing()
         teacher.denoiser.to(self.device)
+        # ODE pairs at the fixed guidance_scale (also with random_guidance: the pairs need one w)
+        self.regression = ODERegression(options, teacher, process, options.guidance_scale,
+                                        options.conditioning_timestep, self.fake.teacher_context) \
+            if options.regression else None
         self._sample_conditions = options.sample_conditions
 
     # ------------------------------------------------------------------ protocol
@@ -175,9 +181,18 @@ class VSDRecipe(Recipe):
             return (o.guidance_min + (o.guidance_max - o.guidance_min) * torch.rand(n, generator=generator)).to(self.device)
         return float(o.guidance_scale)
 
+    def student_updates(self, step: int) -> bool:
+        """Whether update ``step`` trains the student: every step of the regression warm-up, then every step after
+        the fake-score warm-up (which counts from the end of the regression warm-up)."""
+        o = self.options
+        return step < o.regression_warmup_steps or step - o.regression_warmup_steps >= o.fake_warmup_steps
+
     def student_x0(self, n: int, cond, generator: torch.Generator) -> Tensor:
         z = torch.randn((n, *self.teacher.sample_shape), generator=generator).to(self.device)
-        t = torch.full((n,), self.options.conditioning_timestep, device=self.device)
+        return self._x0_from_noise(z, cond)
+
+    def _x0_from_noise(self, z: Tensor, cond) -> Tensor:
+        t = torch.full((z.shape[0],), self.options.conditioning_timestep, device=self.device)
         return self.student.predict(z, t, cond, want="x0")["x0"]
 
     def t_range(self, step: int | None = None) -> tuple[int, int]:
@@ -211,12 +226,19 @@ class VSDRecipe(Recipe):
         conditions = batch["conditions"]
         cond, uncond = self.teacher.encode_conditions(conditions, dev)
         n = cond.batch_size or len(conditions)
-        update_student = step >= o.fake_warmup_steps
-        with torch.set_grad_enabled(update_student):
+        regressing = self.regression is not None and self.regression.warming_up(step)
+        update_student = self.student_updates(step)
+        if self.regression is not None:
+            self.regression.fill(cond, uncond, generator)
+        with torch.set_grad_enabled(update_student and not regressing):
             x0 = self.student_x0(n, cond, generator)
         logs = dict(sample_stats(x0))
         losses = {}
-        if update_student:
+        loss_reg = None if self.regression is None else \
+            self.regression.student_term(step, update_student, self._x0_from_noise, n, generator, dev, logs)
+        if regressing:
+            losses["student"] = loss_reg
+        elif update_student:
             loss_s, vlogs = self.vsd_loss(x0, cond, uncond, generator, step)
             logs.update(vlogs)
             logs["loss_vsd"] = loss_s.detach()
@@ -224,6 +246,8 @@ class VSDRecipe(Recipe):
                 clip = self.clip(self.teacher.codec, x0, conditions)
                 logs["loss_clip"] = clip.detach()
                 loss_s = loss_s + o.clip_weight * clip
+            if loss_reg is not None:
+                loss_s = loss_s + o.regression_weight * loss_reg
             losses["student"] = loss_s
         t_f = draw_timesteps(n, 0, self.process.num_train_timesteps - 1, generator).to(dev)
         noise = torch.randn(x0.shape, generator=generator).to(dev)
@@ -234,11 +258,16 @@ class VSDRecipe(Recipe):
         return StepOutput(losses=losses, logs=logs)
 
     def state_dict_for_checkpoint(self):
-        return {"student": unwrap(self.student.backbone).state_dict(), "fake_score": self.fake.state_dict()}
+        state = {"student": unwrap(self.student.backbone).state_dict(), "fake_score": self.fake.state_dict()}
+        if self.regression is not None and self.regression.pool.count:
+            state["ode_pairs"] = self.regression.pool.state_dict()
+        return state
 
     def load_state_dict_from_checkpoint(self, state):
         unwrap(self.student.backbone).load_state_dict(state["student"])
         self.fake.load_state_dict(state["fake_score"])
+        if self.regression is not None and "ode_pairs" in state:
+            self.regression.pool.load_state_dict(state["ode_pairs"])
 
     # ------------------------------------------------------------------ sampling and export
     @torch.no_grad()

@@ -74,14 +74,20 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
     # by the guided-ODE distribution. At high t the CFG x0 is ~ 2 x0_c - x0_u, ~2x the class centroid, so the full
     # range pushes the modes outward: ring8, w = 2, full range measured SW2/floor 8.3 (mode err 0.10); an ideal
     # particle generator with the exact fake score settles at radius 3.24 vs the reference's 2.12 (and stays at
-    # the reference at w = 1). Measured with t <= 350 (n = 10k, OMP_NUM_THREADS=1): ring8 SW2/floor 1.38, mode err
-    # 0.0295 (1.29 / 0.028 in an identical earlier run; mode err is at the 0.03 limit: within each class the low-t
-    # DM terms keep the conditional, i.e. unguided, mode split). grid25 FAILS (16.6x, mode err 0.51): the generator
-    # collapses onto a few central modes (also with the full range annealed to 350 at update 1500: 10.9x, or GAN
-    # weights 0.05 / 0.1: 8.8x); dm_t_max_late / dm_t_anneal_step implement that annealing.
+    # the reference at w = 1).
+    # The fresh generator cannot start from the teacher's weights (DMD2's init), so it gets DMD's teacher ODE-pair
+    # regression (recipes/ode_regression.py; DMD Sec. 3.3, DMD2's one-step SDXL warm-start): 10k pairs from the
+    # 100-step guided DDIM ODE, 500 regression-only updates, then L_DM + GAN + lambda_reg L_reg with lambda_reg = 1.
+    # Without it the reverse-KL generator collapses: grid25 16.6x (mode err 0.51; also with the full t range
+    # annealed to 350: 10.9x, GAN weights 0.05 / 0.1: 8.8x) and ring8 1.38x with mode err 0.0295, at the 0.03 limit.
+    # grid25 measured (n = 10k, OMP_NUM_THREADS=1, --set recipe.regression_*): warm-up only (lambda_reg 0) 8.29x
+    # (mode err 0.41), lambda_reg 0.25 4.96x (0.13), lambda_reg 1 1.66x (0.025); regression alone (warm-up over all
+    # 3000 updates, no DM term) 1.38x (0.015): on grid25 the DM term does not improve on the ODE regression here.
     "dmd2": {
         "recipe": {"w_real": 2.0, "timesteps": [999], "update_ratio": 2, "fake_warmup_steps": 200, "dm_t_max": 0.35,
-                   "fake_loss_weighting": "v", "data_mode": "real", "gan_weight_gen": 5e-3, "gan_weight_disc": 1e-2},
+                   "fake_loss_weighting": "v", "data_mode": "real", "gan_weight_gen": 5e-3, "gan_weight_disc": 1e-2,
+                   "regression_pairs": 10000, "regression_ode_steps": 100, "regression_warmup_steps": 500,
+                   "regression_weight": 1.0},
         "train": {"max_steps": 3000, "lr": 1e-3, "lr_scheduler": "cosine", "grad_clip": 10.0, "ema_decay": 0.0},
         "batch_size": 256,
         "guidance_scale": 2.0,
@@ -91,12 +97,15 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
     # VSD (spec B.7), 1 step, prompts (labels) only; fully trained MLP fake score (spec B.7 sanity check), 1:1 updates.
     # Guided, w = 2 (teacher CFG 2, fake score unguided), t ~ U{20..350} for the same reason as DMD2 above (an ideal
     # particle generator with the exact fake score and the full range settles at radius 2.67 vs 2.12 on ring8 class
-    # 0). Measured (ring8, n = 10k): SW2/floor 3.45, mode err 0.10 -- NOT passing: every class collapses onto its
-    # heavier mode (mode-seeking reverse KL, no GAN to bring the light mode back); fake_lr 3e-3 did not change it.
-    # grid25: 15.2x, mode err 0.45 (collapse onto a few modes). t_max_late / t_anneal_step: ProlificDreamer annealing.
+    # 0). Plain VSD from a fresh generator does NOT pass: ring8 3.45x, mode err 0.10 (every class collapses onto its
+    # heavier mode: mode-seeking reverse KL; fake_lr 3e-3 did not change it), grid25 15.2x, mode err 0.45. So, as for
+    # DMD2, the generator is anchored by teacher ODE-pair regression (the toy's stand-in for SwiftBrushV2's start
+    # from a few-step model): 10k pairs, 500 regression-only updates, lambda_reg = 1 (grid25 experiment: 1.32x, mode
+    # err 0.011). t_max_late / t_anneal_step: ProlificDreamer annealing.
     "vsd": {
         "recipe": {"guidance_scale": 2.0, "fake_score": "full", "fake_warmup_steps": 200, "fake_loss_weighting": "v",
-                   "fake_cond_drop": 0.0, "t_max": 350},
+                   "fake_cond_drop": 0.0, "t_max": 350, "regression_pairs": 10000, "regression_ode_steps": 100,
+                   "regression_warmup_steps": 500, "regression_weight": 1.0},
         "train": {"max_steps": 3000, "lr": 1e-3, "lr_scheduler": "cosine", "grad_clip": 1.0, "ema_decay": 0.0},
         "batch_size": 256,
         "guidance_scale": 2.0,
