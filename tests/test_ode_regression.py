@@ -52,6 +52,25 @@ def test_pool_fills_batch_by_batch_draws_consistent_pairs_and_round_trips():
     assert regression_loss(target, target) == 0
 
 
+def test_a_partly_filled_pool_resumes_filling_and_a_larger_checkpoint_is_refused():
+    bundle = toy_teacher_bundle("ring8")
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, bundle.mixture.num_classes, (40,), generator=g)
+    cond, uncond = bundle.encode_conditions(labels, "cpu")
+    pool = ODEPairPool(100)
+    pool.add(bundle.denoiser, cond, uncond, 2.0, 999, 10, 1000, (2,), g)
+    state = pool.state_dict()
+    assert state["noise"].shape[0] == 40  # only the filled rows are saved
+    back = ODEPairPool(100)
+    back.load_state_dict(state)
+    assert back.count == 40 and not back.full
+    assert torch.equal(back.target[:40], pool.target[:40])
+    assert back.add(bundle.denoiser, cond, uncond, 2.0, 999, 10, 1000, (2,), g) == 40 and back.count == 80
+    assert torch.equal(back.cond.class_labels[40:80], labels) and torch.equal(back.cond.class_labels[:40], labels)
+    with pytest.raises(ValueError, match="regression_pairs"):
+        ODEPairPool(20).load_state_dict(state)
+
+
 def _toy_batch(recipe, n=64, seed=0):
     x0, labels = recipe.teacher.mixture.sample(n, torch.Generator().manual_seed(seed))
     return {"images": x0.float(), "conditions": labels}

@@ -42,8 +42,8 @@ from ..models.denoiser import Denoiser
 from ..models.student import UNET_LORA_TARGETS
 from ..models.teacher_io import TeacherBundle
 from .base import Recipe, StepOutput, register_recipe
-from .ode_regression import ODERegression, ODERegressionOptions
 from .gan_head import BottleneckFeatures, gan_discriminator_loss, gan_generator_loss, make_gan_head
+from .ode_regression import ODERegression, ODERegressionOptions
 from .score_distill import annealed_range, build_generator_and_fake_score, discrete_vp_process, dm_gradient, \
     draw_timesteps, fake_denoising_loss, guided_predict, sample_stats, surrogate_loss
 
@@ -281,7 +281,7 @@ class DMD2Recipe(Recipe):
         update_gen = self.generator_updates(step)
         regressing = self.regression is not None and self.regression.warming_up(step)
         if self.regression is not None:
-            self.regression.fill(cond, uncond, generator)
+            self.regression.fill(cond, uncond, generator, dev)
         x, t_in = self.generator_input(n, cond, step, generator)
         with torch.set_grad_enabled(update_gen and not regressing):
             x0_gen = self.student.predict(x, t_in, cond, want="x0")["x0"]

@@ -60,16 +60,16 @@ def regression_loss(x0_gen: Tensor, target: Tensor) -> Tensor:
 
 @dataclass
 class ODEPairPool:
-    """A fixed set of (noise, teacher ODE sample, conditioning) triples, filled batch by batch up to ``size``."""
+    """A fixed set of (noise, teacher ODE sample, conditioning) triples, filled batch by batch up to ``size``.
+
+    The CPU buffers are allocated for ``size`` pairs on the first :meth:`add` and filled in place (rows
+    ``0 .. count-1`` are valid), so filling costs one copy per pair however small the batches are."""
 
     size: int
     noise: Tensor | None = None
     target: Tensor | None = None
     cond: Conditioning | None = None
-
-    @property
-    def count(self) -> int:
-        return 0 if self.noise is None else self.noise.shape[0]
+    count: int = 0
 
     @property
     def full(self) -> bool:
@@ -77,27 +77,35 @@ class ODEPairPool:
 
     def add(self, teacher: Denoiser, cond: Conditioning, uncond: Conditioning, w: float, t_start: int,
             ode_steps: int, num_train_timesteps: int, sample_shape, generator: torch.Generator,
-            teacher_context=contextlib.nullcontext) -> int:
-        """Append pairs for (the first ``size - count`` of) this batch's conditions; returns how many were added."""
+            device="cpu", teacher_context=contextlib.nullcontext) -> int:
+        """Append pairs for (the first ``size - count`` of) this batch's conditions, the ODE run on ``device``;
+        returns how many were added."""
         n = min(self.size - self.count, cond.batch_size or 0)
         if n <= 0:
             return 0
         idx = torch.arange(n)
         cond_n, uncond_n = cond.index(idx), uncond.index(idx) if uncond is not None else None
-        dev = _device_of(cond_n)
-        noise = torch.randn((n, *sample_shape), generator=generator).to(dev)
+        noise = torch.randn((n, *sample_shape), generator=generator).to(device)
         with teacher_context():
             target = teacher_ode_samples(teacher, noise, cond_n, uncond_n, w, t_start, ode_steps, num_train_timesteps)
         if not torch.isfinite(target).all():
             raise FloatingPointError("the teacher's ODE samples for the regression pairs are not finite; check the "
                                      "teacher (recipe.w_real / guidance) or set recipe.regression_pairs=0")
-        noise, target, cond_n = noise.cpu(), target.cpu(), cond_n.detach().to("cpu")
-        if self.noise is None:
-            self.noise, self.target, self.cond = noise, target, cond_n
-        else:
-            self.noise, self.target = torch.cat([self.noise, noise]), torch.cat([self.target, target])
-            self.cond = self.cond.cat(cond_n)
+        self._append(noise.cpu(), target.cpu(), cond_n.detach().to("cpu"))
         return n
+
+    def _append(self, noise: Tensor, target: Tensor, cond: Conditioning) -> None:
+        """Write CPU rows at ``count``; the first call allocates every buffer for ``size`` rows shaped like these."""
+        if self.noise is None:
+            self.noise = noise.new_empty((self.size, *noise.shape[1:]))
+            self.target = target.new_empty((self.size, *target.shape[1:]))
+            self.cond = cond.index(torch.zeros(self.size, dtype=torch.long))
+        rows = slice(self.count, self.count + noise.shape[0])
+        self.noise[rows], self.target[rows] = noise, target
+        new = cond.flat_state()
+        for key, buf in self.cond.flat_state().items():  # the buffers themselves, written in place
+            buf[rows] = new[key]
+        self.count = rows.stop
 
     def draw(self, n: int, generator: torch.Generator, device="cpu") -> tuple[Tensor, Tensor, Conditioning]:
         """``n`` pairs uniformly (with replacement) from the pool so far, on ``device``."""
@@ -107,22 +115,22 @@ class ODEPairPool:
         return self.noise[i].to(device), self.target[i].to(device), self.cond.index(i).to(device)
 
     def state_dict(self) -> dict[str, Tensor]:
-        if self.noise is None:
+        """The filled rows (a partly filled pool resumes filling where it stopped)."""
+        if self.count == 0:
             return {}
-        return {"noise": self.noise, "target": self.target, **self.cond.flat_state()}
+        rows = slice(0, self.count)
+        return {"noise": self.noise[rows], "target": self.target[rows], **self.cond.index(rows).flat_state()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.noise = self.target = self.cond = None
+        self.count = 0
         if not state:
-            self.noise = self.target = self.cond = None
             return
-        self.noise, self.target = state["noise"].cpu(), state["target"].cpu()
-        self.cond = Conditioning.from_flat_state(state).to("cpu")
-
-
-def _device_of(cond: Conditioning) -> torch.device:
-    for v in cond.flat_state().values():
-        return v.device
-    return torch.device("cpu")
+        saved = int(state["noise"].shape[0])
+        if saved > self.size:
+            raise ValueError(f"the checkpoint holds {saved} ODE pairs but recipe.regression_pairs is {self.size}; "
+                             f"resume with recipe.regression_pairs >= {saved}")
+        self._append(state["noise"].cpu(), state["target"].cpu(), Conditioning.from_flat_state(state).to("cpu"))
 
 
 @dataclass
@@ -166,12 +174,12 @@ class ODERegression:
     def warming_up(self, step: int) -> bool:
         return step < self.options.regression_warmup_steps
 
-    def fill(self, cond: Conditioning, uncond: Conditioning, generator: torch.Generator) -> int:
+    def fill(self, cond: Conditioning, uncond: Conditioning, generator: torch.Generator, device) -> int:
         if self.pool.full:
             return 0
         return self.pool.add(self.teacher.denoiser, cond, uncond, self.w, self.t_start,
                              self.options.regression_ode_steps, self.process.num_train_timesteps,
-                             self.teacher.sample_shape, generator, self.teacher_context)
+                             self.teacher.sample_shape, generator, device, self.teacher_context)
 
     def loss(self, generator_at, n: int, generator: torch.Generator, device) -> Tensor:
         noise, target, cond = self.pool.draw(n, generator, device)

@@ -229,7 +229,7 @@ class VSDRecipe(Recipe):
         regressing = self.regression is not None and self.regression.warming_up(step)
         update_student = self.student_updates(step)
         if self.regression is not None:
-            self.regression.fill(cond, uncond, generator)
+            self.regression.fill(cond, uncond, generator, dev)
         with torch.set_grad_enabled(update_student and not regressing):
             x0 = self.student_x0(n, cond, generator)
         logs = dict(sample_stats(x0))
