@@ -182,11 +182,11 @@ TOY_DEFAULTS: dict[str, dict[str, Any]] = {
     # = 100 t did not help (4.57 / 5.44); batch_size 512 (less gradient variance) did not either: ring8 2.17 / 1.89,
     # grid25 3.38 / 3.50. The fix was the time proposal: tau ~ N(p_mean, 1.4), sigma = e^tau, with p_mean -1.5 instead
     # of sCM's CIFAR-10 -1.0 (more draws at low noise, where the narrow mixture modes are resolved). Official runs (seed
-    # 0, the defaults below): ring8 1.52 / 1.53, grid25 2.58 / 2.73. Experiment runs (seed 0, /tmp scripts that train
-    # once and score several samplers): p_mean -1.5 ring8 1.50 / 1.52, grid25 2.51 / 2.66; p_mean 0.0 (the CIFAR setting
-    # rescaled to sigma_d = 1.4) grid25 4.84 / 5.53. The 2-step t_mid stays sCM's 1.1: at p_mean -1 on grid25 the 2-step
-    # ratio only fell as t_mid rose (0.5: 3.23, 0.9: 3.13, 1.1: 3.03, 1.3: 2.96; 1 step 2.92), so no t_mid rescued that
-    # student.
+    # 0, the defaults below): ring8 1.52 / 1.53, grid25 2.58 / 2.73. Experiment runs (seed 0; each trained once and
+    # scored several samplers; `--set recipe.p_mean=...` / `--set recipe.t_mid=...` reruns them, retraining each time):
+    # p_mean -1.5 ring8 1.50 / 1.52, grid25 2.51 / 2.66; p_mean 0.0 (the CIFAR setting rescaled to sigma_d = 1.4) grid25
+    # 4.84 / 5.53. The 2-step t_mid stays sCM's 1.1: at p_mean -1 on grid25 the 2-step ratio only fell as t_mid rose
+    # (0.5: 3.23, 0.9: 3.13, 1.1: 3.03, 1.3: 2.96; 1 step 2.92), so no t_mid rescued that student.
     "scm": {
         "recipe": {"guidance_scale": 2.0, "sigma_data": 1.4, "time_scale": 1.0, "parameterization": "trigflow",
                    "tangent_warmup": 500, "t_mid": 1.1, "sample_steps": 2, "p_mean": -1.5},
