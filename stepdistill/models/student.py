@@ -18,7 +18,7 @@ from torch import nn
 
 from .backbones import unwrap
 
-__all__ = ["UNET_LORA_TARGETS", "copy_backbone", "with_guidance_embedding", "add_lora", "adapters_disabled",
+__all__ = ["UNET_LORA_TARGETS", "disable_label_dropout", "copy_backbone", "with_guidance_embedding", "add_lora", "adapters_disabled",
            "lora_state_dict", "freeze"]
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -32,12 +32,34 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def disable_label_dropout(module: nn.Module) -> int:
+    """Turn off the class-label dropout built into Diffusers' ``LabelEmbedding`` (DiT's ``AdaLayerNormZero`` and
+    PixArt-style class embeddings drop 10% of the labels to the null class whenever the module is in train mode).
+
+    That dropout is a teacher-*training* device for CFG. In distillation every network call must see the condition
+    the recipe gives it: a student, or a LoRA base run as the teacher, that silently swaps labels for the null class
+    makes two calls on the same batch disagree (sCM's JVP and its F_theta, LCM's student and teacher target). Recipes
+    that want CFG dropout do it explicitly (``score_distill.drop_conditions``). The null-class row of the table is
+    kept, so explicit unconditional calls still work. Returns how many embeddings were changed.
+    """
+    from diffusers.models.embeddings import LabelEmbedding
+
+    changed = 0
+    for m in unwrap(module).modules():
+        if isinstance(m, LabelEmbedding) and m.dropout_prob > 0:
+            m.dropout_prob = 0.0
+            changed += 1
+    return changed
+
+
 def copy_backbone(backbone: nn.Module, dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """A trainable deep copy (float32 master weights by default), in train mode with grads on."""
+    """A trainable deep copy (float32 master weights by default), in train mode with grads on, with no built-in
+    label dropout (``disable_label_dropout``)."""
     student = copy.deepcopy(unwrap(backbone))
     if dtype is not None:
         student.to(dtype)
     student.requires_grad_(True)
+    disable_label_dropout(student)
     student.train()
     return student
 
@@ -76,6 +98,7 @@ def add_lora(model: nn.Module, rank: int = 64, alpha: float | None = None, targe
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
                         target_modules=list(present))
     base.requires_grad_(False)
+    disable_label_dropout(base)  # with adapters off the same module is the teacher: it must not drop labels
     base.add_adapter(config, adapter_name=adapter_name)
     for n, p in base.named_parameters():
         p.requires_grad_("lora_" in n)

@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, flatten_config, save_config
 from ..models.backbones import unwrap
+from ..models.student import disable_label_dropout
 from ..recipes.base import Recipe, StepOutput
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -318,6 +319,7 @@ class _Trainer:
         self.schedulers = dict(zip(self.opt_names, prepared[n + m:]))
         setups = {s.name: s for s in self.network_setups}
         for name, module in self.modules.items():
+            disable_label_dropout(module)  # train mode must not make the backbone drop class labels on its own
             module.train()
             self.recipe.set_prepared(name, maybe_compile(setups.get(name), module) if tc.compile else module)
         if tc.compile:
