@@ -18,8 +18,8 @@ from torch import nn
 
 from .backbones import unwrap
 
-__all__ = ["UNET_LORA_TARGETS", "disable_label_dropout", "copy_backbone", "with_guidance_embedding", "add_lora", "adapters_disabled",
-           "lora_state_dict", "freeze"]
+__all__ = ["UNET_LORA_TARGETS", "disable_label_dropout", "copy_backbone", "with_guidance_embedding", "add_lora",
+           "adapters_disabled", "lora_state_dict", "freeze"]
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                      "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
@@ -38,9 +38,11 @@ def disable_label_dropout(module: nn.Module) -> int:
 
     That dropout is a teacher-*training* device for CFG. In distillation every network call must see the condition
     the recipe gives it: a student, or a LoRA base run as the teacher, that silently swaps labels for the null class
-    makes two calls on the same batch disagree (sCM's JVP and its F_theta, LCM's student and teacher target). Recipes
-    that want CFG dropout do it explicitly (``score_distill.drop_conditions``). The null-class row of the table is
-    kept, so explicit unconditional calls still work. Returns how many embeddings were changed.
+    makes two calls on the same batch disagree (sCM's JVP and its F_theta, LCM's student and teacher target). The
+    training loop calls this on every trainable module (LoRA bases included) when it switches them to train mode;
+    ``copy_backbone`` calls it for students used outside the loop. Recipes that want CFG dropout do it explicitly
+    (``score_distill.drop_conditions``). The null-class row of the table is kept, so explicit unconditional calls still
+    work. Returns how many embeddings were changed.
     """
     from diffusers.models.embeddings import LabelEmbedding
 
@@ -98,7 +100,6 @@ def add_lora(model: nn.Module, rank: int = 64, alpha: float | None = None, targe
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
                         target_modules=list(present))
     base.requires_grad_(False)
-    disable_label_dropout(base)  # with adapters off the same module is the teacher: it must not drop labels
     base.add_adapter(config, adapter_name=adapter_name)
     for n, p in base.named_parameters():
         p.requires_grad_("lora_" in n)
