@@ -1,7 +1,7 @@
 """The ``stepdistill`` command.
 
     stepdistill train CONFIG.yaml [key=value ...]     # also: accelerate launch -m stepdistill train ...
-    stepdistill export RUN_DIR OUT_DIR
+    stepdistill export RUN_DIR OUT_DIR [key=value ...]    # sampling overrides, e.g. recipe.sample_max_timestep=600
     stepdistill sample MODEL_DIR [--prompt P ...] [--steps N] [--guidance-scale W] [--out grid.png]
     stepdistill bench toy2d --recipe NAME [--mixture FILE.json] [--steps 1,2,4] [--json OUT.json]
     stepdistill bench speed --recipe NAME --model DIR [--config RECIPE.yaml] [--batch-size B] [--student-steps 1,2,4]
@@ -36,7 +36,7 @@ def _cmd_train(args) -> int:
 def _cmd_export(args) -> int:
     from .runner import export_run
 
-    out = export_run(args.run_dir, args.out_dir, checkpoint=args.checkpoint)
+    out = export_run(args.run_dir, args.out_dir, checkpoint=args.checkpoint, overrides=args.overrides)
     print(f"exported to {out}; load it with DiffusionPipeline.from_pretrained({str(out)!r})")
     return 0
 
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a run's newest checkpoint as a Diffusers folder")
     e.add_argument("run_dir")
     e.add_argument("out_dir")
+    e.add_argument("overrides", nargs="*", help="key=value overrides of the run's saved config for this export, for "
+                   "sampling options, e.g. recipe.sample_max_timestep=600 or recipe.t_max=1.43")
     e.add_argument("--checkpoint", help="a specific checkpoint folder (default: the newest complete one)")
     e.set_defaults(fn=_cmd_export)
 

@@ -124,15 +124,20 @@ def load_recipe_checkpoint(path: str | Path, recipe: Recipe, use_ema: bool = Tru
                 target.copy_(value.to(target.dtype))
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Rebuild the run's recipe from its saved config, load its newest valid checkpoint, export it."""
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,
+               overrides: list[str] | None = None) -> Path:
+    """Rebuild the run's recipe from its saved config, load its newest valid checkpoint, export it.
+
+    ``overrides`` (``key=value``, as for ``train``) change the saved config for this export only: meant for sampling
+    options (``recipe.sample_max_timestep``, ``recipe.t_max``, ``recipe.sample_steps``); one that changes the networks
+    fails when the checkpoint is loaded."""
     from .training.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
     cfg_file = run_dir / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE}; pass the run directory a `stepdistill train` created")
-    cfg = load_config(cfg_file)
+    cfg = load_config(cfg_file, list(overrides or []))
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export; train first (or resume the run)")

@@ -32,6 +32,12 @@ def test_train_export_and_load_in_stock_diffusers(config, tmp_path):
     assert summary["timesteps"] == [999, 759, 499, 259]
     assert summary["shape"] == [1, 32, 32, 3] and summary["finite"]
     assert summary["lora"] == ("lora" in config)
+    # a sampling option changed at export time only: the same weights, sampled from timestep 700
+    out700 = tmp_path / "student-700"
+    proc = _cli("export", str(run_dir), str(out700), "recipe.sample_max_timestep=700", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = load_and_sample_in_fresh_process(out700, {"prompt": ["a cat"], "height": 32, "width": 32})
+    assert summary["timesteps"] == [700, 525, 350, 175], summary
 
 
 def test_bad_config_key_is_reported_with_suggestion(tmp_path):

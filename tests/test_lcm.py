@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from stepdistill.models.teacher_io import TeacherBundle, load_pipeline
-from stepdistill.recipes.lcm import LCMOptions, LCMRecipe, lcm_boundary_scalings, lcm_solver_grid
+from stepdistill.recipes.lcm import (LCMOptions, LCMRecipe, lcm_boundary_scalings, lcm_solver_grid,
+                                    original_steps_starting_at)
 from stepdistill.testing.stock_load import load_and_sample_in_fresh_process
 from stepdistill.testing.tiny_pipelines import tiny_pipeline_dir
 
@@ -117,3 +118,36 @@ def test_export_loads_and_samples_in_stock_diffusers(sd_dir, variant, tmp_path):
         assert summary["pipeline"] == "LatentConsistencyModelPipeline"
     else:
         assert summary["lora"], "the LoRA adapter must be loaded by load_lora_weights"
+
+
+@pytest.mark.parametrize("start", [500, 700, 999])
+def test_original_steps_starting_at_makes_every_step_count_start_there(start):
+    from diffusers import LCMScheduler
+
+    o = original_steps_starting_at(1000, start)
+    sched = LCMScheduler(num_train_timesteps=1000, original_inference_steps=o)
+    for n in (1, 2, 4, 8):
+        sched.set_timesteps(n)
+        ts = [int(t) for t in sched.timesteps]
+        assert ts[0] == start and len(ts) == n and ts == sorted(ts, reverse=True), (n, ts)
+
+
+def test_unreachable_sample_start_is_refused_before_training(sd_dir):
+    with pytest.raises(ValueError, match="nearest reachable starts"):
+        original_steps_starting_at(1000, 300)
+    with pytest.raises(ValueError, match="sample_max_timestep"):
+        _recipe(sd_dir, "full", sample_max_timestep=300)
+    with pytest.raises(ValueError, match=r"\[1, 999\]"):
+        _recipe(sd_dir, "full", sample_max_timestep=1000)
+
+
+def test_export_with_a_lower_sample_start_reproduces_it_in_stock_diffusers(sd_dir, tmp_path):
+    r = _recipe(sd_dir, "full", sample_max_timestep=700)
+    out = r.export(tmp_path / "start700")
+    summary = load_and_sample_in_fresh_process(out, {"prompt": ["a cat"], "height": 32, "width": 32})
+    assert summary["stepdistill_imported"] is False
+    assert summary["timesteps"] == [700, 525, 350, 175], summary  # the recipe's 4 steps from 700
+    from stepdistill.export import read_sampling_spec
+
+    spec = read_sampling_spec(out)
+    assert spec.extra["timesteps_by_steps"]["2"] == [700, 350] and "sample_max_timestep" in spec.notes

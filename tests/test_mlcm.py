@@ -234,3 +234,18 @@ def orig_consistency(r, z, t, labels):
     cond, _ = r.teacher.encode_conditions(labels, "cpu")
     omega = torch.full((z.shape[0],), 1.0)
     return MLCMRecipe.consistency(r, r.student, z, t, cond, omega)
+
+
+def test_sample_max_timestep_moves_the_sampler_start_off_the_top_boundary(sd_dir, tmp_path):
+    r = _toy_recipe()
+    assert r.sampling_timesteps(2) == [999, 499]  # the top two-segment boundaries by default
+    r = _toy_recipe(sample_max_timestep=600)
+    assert r.sampling_timesteps(1) == [600] and r.sampling_timesteps(2) == [600, 300]
+    assert r.sampling_timesteps(8) == [600, 525, 450, 375, 300, 225, 150, 75]
+    from stepdistill.export import read_sampling_spec
+
+    sd = MLCMRecipe(TeacherBundle.from_pipeline(load_pipeline(sd_dir)),
+                    MLCMOptions(sample_max_timestep=600, sample_conditions=["a cat"]))
+    out = sd.export(tmp_path / "mlcm600")
+    spec = read_sampling_spec(out)
+    assert spec.extra["timesteps_by_steps"]["2"] == [600, 300] and "sample_max_timestep" in spec.notes

@@ -35,7 +35,7 @@ from .base import Recipe, StepOutput, register_recipe
 from .common import draw_uniform, update_target_ema
 from .losses import distance
 
-__all__ = ["LCMOptions", "LCMRecipe", "lcm_boundary_scalings", "lcm_solver_grid"]
+__all__ = ["LCMOptions", "LCMRecipe", "lcm_boundary_scalings", "lcm_solver_grid", "original_steps_starting_at"]
 
 
 @dataclass
@@ -76,6 +76,13 @@ class LCMOptions:
     """Default Imagen guidance scale w given to the exported full student (embedded as w - 1); LoRA samples with 1."""
     sample_conditions: list = field(default_factory=list)
     """Prompts (or class labels) for the periodic sample grids; empty = taken from the first batch."""
+    sample_max_timestep: int | None = None
+    """Teacher timestep the exported sampler starts from (None: the top of the grid, T - 1). Lower it on teachers
+    whose top is ill-conditioned for an eps-prediction student: with linear betas alpha(999) = 0.0064, so
+    x0 = (x - sigma eps) / alpha multiplies the student's eps error by 157 there. Training is unchanged; the saved
+    ``LCMScheduler`` gets ``original_inference_steps`` O with ``(T // O) O - 1`` equal to this value (O = t + 1 for
+    t >= T / 2), so ``set_timesteps(n)`` in any stock pipeline, with or without a ``timesteps`` argument, starts there
+    (see :func:`original_steps_starting_at`)."""
 
 
 def lcm_solver_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> Tensor:
@@ -85,6 +92,24 @@ def lcm_solver_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> Tensor
                          f"training timesteps")
     k = num_train_timesteps // num_ddim_timesteps
     return torch.arange(1, num_ddim_timesteps + 1) * k - 1
+
+
+def original_steps_starting_at(num_train_timesteps: int, start: int) -> int:
+    """The ``original_inference_steps`` O whose ``LCMScheduler`` grid ``{k i - 1 : i = 1..O}``, ``k = T // O``, tops
+    out at ``start`` (``set_timesteps(n)`` always begins at the grid's top): the largest O with ``k O - 1 = start``.
+    For ``start >= T / 2`` that is O = start + 1 (k = 1, the grid is every integer 0..start). Raises ``ValueError``
+    naming the nearest reachable starts when no O gives ``start``."""
+    T, start = int(num_train_timesteps), int(start)
+    if not 0 < start < T:
+        raise ValueError(f"recipe.sample_max_timestep must lie in [1, {T - 1}] (the teacher's timesteps), got {start}")
+    for o in range(T, 0, -1):
+        if (T // o) * o - 1 == start:
+            return o
+    tops = sorted({(T // o) * o - 1 for o in range(1, T + 1)})
+    near = sorted(tops, key=lambda v: abs(v - start))[:3]
+    raise ValueError(f"recipe.sample_max_timestep={start}: no LCMScheduler original_inference_steps makes the sampler "
+                     f"start at timestep {start}; "
+                     f"nearest reachable starts: {sorted(near)} (every value >= {T // 2} is reachable)")
 
 
 def lcm_boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
@@ -117,6 +142,8 @@ class LCMRecipe(Recipe):
         self.process = process
         self.grid = lcm_solver_grid(process.num_train_timesteps, options.num_ddim_timesteps)
         self.skip = process.num_train_timesteps // options.num_ddim_timesteps
+        if options.sample_max_timestep is not None:  # fail before training, not at export
+            original_steps_starting_at(process.num_train_timesteps, options.sample_max_timestep)
         freeze(teacher.denoiser.backbone)
         base = teacher.denoiser.backbone
         if options.variant == "lora":
@@ -227,7 +254,10 @@ class LCMRecipe(Recipe):
         from diffusers import LCMScheduler
 
         cfg = {k: v for k, v in self.teacher.scheduler_config.items() if not k.startswith("_")}
-        cfg.update(original_inference_steps=self.options.num_ddim_timesteps, timestep_scaling=self.options.timestep_scaling,
+        start = self.options.sample_max_timestep
+        original = (self.options.num_ddim_timesteps if start is None else
+                    original_steps_starting_at(self.process.num_train_timesteps, start))
+        cfg.update(original_inference_steps=original, timestep_scaling=self.options.timestep_scaling,
                    timestep_spacing="leading", prediction_type=diffusers_prediction_type(self.student.prediction))
         cfg.pop("clip_sample_range", None)
         return LCMScheduler.from_config(cfg)
@@ -254,8 +284,21 @@ class LCMRecipe(Recipe):
         from ..evaluation.teacher_ref import teacher_reference
         from ..export import SamplingSpec, export_full_student, export_lora_student
 
+        extra = {"teacher": teacher_reference(self.teacher.pipeline)}
+        notes = ""
+        start = self.options.sample_max_timestep
+        if start is not None:
+            sched = self.scheduler()
+            by_steps = {}
+            for n in (1, 2, 4, 8):
+                sched.set_timesteps(n)
+                by_steps[str(n)] = [int(t) for t in sched.timesteps]
+            extra["timesteps_by_steps"] = by_steps
+            notes = (f"Sampled from timestep {start} (recipe.sample_max_timestep), not {self.process.num_train_timesteps - 1}: "
+                     f"the scheduler's original_inference_steps = {sched.config.original_inference_steps} gives " +
+                     ", ".join(f"{n} step(s): {ts}" for n, ts in by_steps.items()) + ".")
         spec = SamplingSpec(recipe="lcm", variant=self.options.variant, scheduler="LCMScheduler",
-                            **self.sampling_defaults(), extra={"teacher": teacher_reference(self.teacher.pipeline)})
+                            **self.sampling_defaults(), notes=notes, extra=extra)
         if self.options.variant == "lora":
             return export_lora_student(self.teacher, lora_state_dict(self.student.backbone), self.scheduler(), out_dir, spec)
         return export_full_student(self.teacher, unwrap(self.student.backbone), self.scheduler(), out_dir, spec)

@@ -328,11 +328,13 @@ class MLCMRecipe(LCMRecipe):
         return self.teacher.codec.decode(x0)
 
     def scheduler(self):
-        """LCM's scheduler with ``original_inference_steps = M_0`` so its default timesteps are the boundaries."""
+        """LCM's scheduler with ``original_inference_steps = M_0`` so its default timesteps are the boundaries; with
+        ``recipe.sample_max_timestep`` set, LCM's scheduler that starts there (n evenly spaced steps of ``0..t``)."""
         from diffusers import LCMScheduler
 
         cfg = dict(super().scheduler().config)
-        cfg["original_inference_steps"] = int(self.options.segment_schedule[0])
+        if self.options.sample_max_timestep is None:
+            cfg["original_inference_steps"] = int(self.options.segment_schedule[0])
         return LCMScheduler.from_config(cfg)
 
     def export(self, out_dir):
@@ -343,10 +345,14 @@ class MLCMRecipe(LCMRecipe):
 
         m0 = int(self.options.segment_schedule[0])
         by_steps = {str(n): self.sampling_timesteps(n) for n in sorted({1, 2, 4, m0}) if n <= m0}
-        notes = (f"One student for 1-{m0} steps: the scheduler's original_inference_steps = {m0} makes its default "
-                 f"timesteps the MLCM segment boundaries, " +
-                 ", ".join(f"{n} step(s): {ts}" for n, ts in by_steps.items()) +
-                 " (or pass them as `timesteps=`).")
+        listing = ", ".join(f"{n} step(s): {ts}" for n, ts in by_steps.items())
+        if self.options.sample_max_timestep is None:
+            notes = (f"One student for 1-{m0} steps: the scheduler's original_inference_steps = {m0} makes its default "
+                     f"timesteps the MLCM segment boundaries, {listing} (or pass them as `timesteps=`).")
+        else:
+            notes = (f"One student for 1-{m0} steps, sampled from timestep {self.options.sample_max_timestep} "
+                     f"(recipe.sample_max_timestep) instead of the top segment boundary: the scheduler's "
+                     f"original_inference_steps = {self.scheduler().config.original_inference_steps} gives {listing}.")
         spec = SamplingSpec(recipe="mlcm", variant=self.options.variant, scheduler="LCMScheduler",
                             **self.sampling_defaults(), notes=notes,
                             extra={"teacher": teacher_reference(self.teacher.pipeline),
