@@ -301,3 +301,63 @@ def test_toy_time_input_is_smooth():
             _, jt = torch.func.jvp(lambda a, b: net(a, b, cond), (x, t), (torch.zeros_like(x), v_t))
         sizes[scale] = jt.norm(dim=1).mean().item()
     assert sizes[100.0] > 10 * sizes[1.0], sizes
+
+
+def test_v_student_reads_its_output_as_v_and_reparam_stage_regresses_the_v_target(sd_bundle):
+    """recipe.student_prediction = 'v' on an eps teacher: f(x_t, t) = alpha_i x_nat - sigma_i v at the native index
+    (float64), the first ``reparam_steps`` updates are denoising score matching on v = alpha eps - sigma x0 (and only
+    they), the tangent warmup counts from their end, and the export's scheduler is told ``v_prediction``."""
+    from stepdistill.diffusion.parameterization import to_x0_eps
+    from stepdistill.models.backbones import call_backbone
+
+    r = SCMRecipe(sd_bundle, SCMOptions(student_prediction="v", reparam_steps=2, tangent_warmup=4,
+                                        sample_conditions=["a cat"]), "cpu")
+    assert r.student.prediction == "v" and sd_bundle.denoiser.prediction == "eps"
+    assert r.warmup_ratio(1) == 0.0 and r.warmup_ratio(4) == 0.5
+    net = r.student
+    net.backbone.to(D)
+    g = torch.Generator().manual_seed(1)
+    x_nat = torch.randn(2, *sd_bundle.sample_shape, generator=g, dtype=D)
+    cond, _ = sd_bundle.encode_conditions(["a cat", "a dog"], "cpu")
+    cond = cond.to(dtype=D)
+    idx = torch.tensor([420, 990])
+    c = r.process.coefficients(idx, like=x_nat)
+    t = trigflow_time_of(r.process, idx, 0.5)
+    x_t = x_nat * torch.cos(t).reshape(-1, 1, 1, 1) / c.alpha
+    with torch.no_grad():
+        v = call_backbone(net.family, net.backbone, x_nat, idx.to(D), cond)
+        f = consistency_function(net(x_t / 0.5, t, cond), x_t, t, 0.5)
+    assert torch.allclose(f, c.alpha * x_nat - c.sigma * v, atol=1e-9, rtol=1e-9)
+    assert torch.allclose(f, to_x0_eps(v, "v", x_nat, c)[0], atol=1e-9)
+    net.backbone.to(torch.float32)
+
+    batch = {"images": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, "conditions": ["a cat", "a dog"]}
+    out0 = r.training_step(batch, 0, torch.Generator().manual_seed(0))
+    assert set(out0.logs) == {"loss_reparam"} and torch.isfinite(out0.losses["student"])
+    out2 = r.training_step(batch, 2, torch.Generator().manual_seed(0))
+    assert "g_norm" in out2.logs and out2.logs["r"] == 0.0  # sCD from update 2 on, warmup just starting
+    # the reparam loss is the v-target regression: zero for a backbone that outputs the exact target
+    x0 = r.teacher.codec.encode(batch["images"]).float()
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, r.process.num_train_timesteps, (2,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    cc = r.process.coefficients(idx, like=x0)
+    expected = cc.alpha * eps - cc.sigma * x0
+    orig = net.backbone.forward
+    net.backbone.forward = lambda *a, **k: type("O", (), {"sample": expected})()
+    try:
+        assert r.reparam_loss(x0, cond.to(dtype=torch.float32), torch.Generator().manual_seed(5)).item() < 1e-12
+    finally:
+        net.backbone.forward = orig
+    from stepdistill.diffusion.processes import diffusers_prediction_type
+
+    assert diffusers_prediction_type(r.student.prediction) == "v_prediction"  # what export() writes to the scheduler
+
+
+def test_student_prediction_options_are_checked(sd_bundle):
+    with pytest.raises(ValueError, match="student_prediction must be"):
+        SCMRecipe(sd_bundle, SCMOptions(student_prediction="velocity"), "cpu")
+    with pytest.raises(ValueError, match="reparam_steps=5 fine-tunes"):
+        SCMRecipe(sd_bundle, SCMOptions(reparam_steps=5), "cpu")
+    with pytest.raises(ValueError, match="discrete VP"):
+        _toy(student_prediction="v")

@@ -81,6 +81,17 @@ class SCMOptions:
     "auto": "teacher" when the teacher can seed the student, else "trigflow"."""
     time_scale: float = 1.0
     """c_noise(t) = time_scale * t for "trigflow" students (sCM: identity; large scales blow up dF/dt)."""
+    student_prediction: str = "teacher"
+    """Output kind of a "teacher"-parameterized student: "teacher" (the teacher's own) or "eps" / "x0" / "v". On a
+    linear-beta VP teacher an eps student's x0 = (x - sigma eps) / alpha is ill-conditioned near the top
+    (alpha(999) = 0.0064 multiplies eps errors by 157, and F's tangent carries d(1/alpha)/dt); a v student's
+    x0 = alpha x - sigma v is bounded everywhere, like TrigFlow's own F (a v-type target, sCM Sec. 2). The student
+    still starts from the teacher's weights with its output read as the new kind, so ``reparam_steps`` of denoising
+    fine-tuning in that kind come first; the export's scheduler gets the matching ``prediction_type``."""
+    reparam_steps: int = 0
+    """Updates of plain denoising score matching on the data in ``student_prediction`` form (loss
+    ``||out - target(x0, eps)||^2`` at a uniformly drawn teacher timestep) before sCD starts; the tangent warmup
+    counts from the end of them. Discrete VP teachers only."""
     t_max: float | None = None
     """Sampling start time; default: the teacher's noisiest time in TrigFlow (pi/2 for rectified flow)."""
     t_mid: float = 1.1
@@ -291,7 +302,22 @@ class SCMRecipe(Recipe):
         seed = teacher.denoiser.backbone if seed_from_teacher else teacher.make_student()
         if mode == "trigflow" and hasattr(seed, "time_scale"):
             seed.time_scale = 1.0  # the TrigFlowNetwork applies recipe.time_scale itself
-        prediction = teacher.student_prediction if mode == "teacher" else "trigflow"
+        if o.student_prediction not in ("teacher", "eps", "x0", "v"):
+            raise ValueError(f"recipe.student_prediction must be 'teacher', 'eps', 'x0' or 'v', got "
+                             f"{o.student_prediction!r}")
+        if o.reparam_steps < 0:
+            raise ValueError(f"recipe.reparam_steps must be >= 0, got {o.reparam_steps}")
+        if o.student_prediction != "teacher" and (mode != "teacher" or not self.discrete):
+            raise ValueError("recipe.student_prediction applies to 'teacher'-parameterized students of discrete VP "
+                             "(DDPM-style) teachers; leave it at 'teacher' here")
+        if o.reparam_steps and o.student_prediction in ("teacher", teacher.student_prediction):
+            raise ValueError(f"recipe.reparam_steps={o.reparam_steps} fine-tunes the student into a new output kind; "
+                             f"set recipe.student_prediction (e.g. 'v') to one other than the teacher's "
+                             f"{teacher.student_prediction!r}, or set reparam_steps to 0")
+        if mode != "teacher":
+            prediction = "trigflow"
+        else:
+            prediction = teacher.student_prediction if o.student_prediction == "teacher" else o.student_prediction
         backbone = copy_backbone(seed).to(self.device)
         self.jvp_replaced = enable_jvp_attention(backbone)  # JVP-capable attention, chosen automatically
         self.mode = mode
@@ -377,13 +403,33 @@ class SCMRecipe(Recipe):
 
     def warmup_ratio(self, step: int) -> float:
         w = self.options.tangent_warmup
-        return 1.0 if w <= 0 else min(1.0, step / w)
+        step = step - self.options.reparam_steps
+        return 1.0 if w <= 0 else min(1.0, max(step, 0) / w)
+
+    def reparam_loss(self, x0: Tensor, cond, generator: torch.Generator) -> Tensor:
+        """Denoising score matching in the student's output kind (the ``reparam_steps`` stage): at a uniformly drawn
+        teacher index i, ``x_i = alpha_i x0 + sigma_i eps`` and the backbone's output regresses the kind's target
+        (v: ``alpha_i eps - sigma_i x0``, Salimans & Ho 2022 eq. 9-10)."""
+        from ..diffusion.parameterization import from_x0_eps
+
+        n = x0.shape[0]
+        idx = torch.randint(0, self.process.num_train_timesteps, (n,), generator=generator).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        c = self.process.coefficients(idx, like=x0)
+        x_nat = c.alpha * x0 + c.sigma * eps
+        net = self.student
+        out = call_backbone(net.family, net.backbone, x_nat.to(net._dtype()), idx, cond.to(dtype=net._dtype()))
+        target = from_x0_eps(x0, eps, net.prediction, c)
+        return ((out.float() - target) ** 2).mean()
 
     def training_step(self, batch, step, generator):
         o, dev = self.options, self.device
         x0 = self.teacher.codec.encode(batch["images"].to(dev)).float()
         cond, uncond = self.teacher.encode_conditions(batch["conditions"], dev)
         n = x0.shape[0]
+        if step < o.reparam_steps:
+            loss = self.reparam_loss(x0, cond, generator)
+            return StepOutput(losses={"student": loss}, logs={"loss_reparam": loss.detach()})
         t64, idx = self.draw_times(n, generator)
         z = o.sigma_data * torch.randn(x0.shape, generator=generator).to(dev)
         t = t64.float().to(dev)
