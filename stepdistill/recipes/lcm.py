@@ -262,6 +262,13 @@ class LCMRecipe(Recipe):
         cfg.pop("clip_sample_range", None)
         return LCMScheduler.from_config(cfg)
 
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        """The timesteps an n-step sample visits: the saved ``LCMScheduler``'s default ``set_timesteps(n)`` (for MLCM,
+        the segment boundaries)."""
+        sched = self.scheduler()
+        sched.set_timesteps(steps)
+        return [int(t) for t in sched.timesteps]
+
     @torch.no_grad()
     def sample(self, num, generator, conditions=None, steps: int | None = None, guidance_scale: float | None = None):
         """Student samples with the stock ``LCMScheduler`` (the same update the exported pipeline runs)."""
@@ -288,14 +295,10 @@ class LCMRecipe(Recipe):
         notes = ""
         start = self.options.sample_max_timestep
         if start is not None:
-            sched = self.scheduler()
-            by_steps = {}
-            for n in (1, 2, 4, 8):
-                sched.set_timesteps(n)
-                by_steps[str(n)] = [int(t) for t in sched.timesteps]
+            by_steps = {str(n): self.sampling_timesteps(n) for n in (1, 2, 4, 8)}
             extra["timesteps_by_steps"] = by_steps
             notes = (f"Sampled from timestep {start} (recipe.sample_max_timestep), not {self.process.num_train_timesteps - 1}: "
-                     f"the scheduler's original_inference_steps = {sched.config.original_inference_steps} gives " +
+                     f"the scheduler's original_inference_steps = {self.scheduler().config.original_inference_steps} gives " +
                      ", ".join(f"{n} step(s): {ts}" for n, ts in by_steps.items()) + ".")
         spec = SamplingSpec(recipe="lcm", variant=self.options.variant, scheduler="LCMScheduler",
                             **self.sampling_defaults(), notes=notes, extra=extra)

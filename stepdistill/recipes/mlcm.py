@@ -292,12 +292,6 @@ class MLCMRecipe(LCMRecipe):
                                        bank.cond.to(self.device), bank.built_at)
 
     # ------------------------------------------------------------------ sampling and export
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        """The boundaries an n-step sample visits: the stock LCMScheduler's default timesteps for n steps."""
-        sched = self.scheduler()
-        sched.set_timesteps(steps)
-        return [int(t) for t in sched.timesteps]
-
     @torch.no_grad()
     def sample(self, num, generator, conditions=None, steps: int | None = None, guidance_scale: float | None = None,
                sampler: str | None = None):
