@@ -150,6 +150,28 @@ def test_backward_simulation_on_the_grid():
     assert torch.equal(renoise_rollout(r.student, z, [249], cond, g), z)
 
 
+def test_unrolled_simulation_trains_the_final_output_through_the_rollout():
+    grid = [999, 749, 499, 249]
+    r = DMD2Recipe(toy_teacher_bundle("ring8"), DMD2Options(w_real=2.0, timesteps=grid, simulation="unrolled"))
+    assert {r._simulation_index(s) for s in range(64)} == {3}
+    cond, _ = r.teacher.encode_conditions(torch.tensor([0, 1, 2, 3]), "cpu")
+    x, t = r.generator_input(4, cond, 0, torch.Generator().manual_seed(3), keep_graph=True)
+    x_ng, _ = r.generator_input(4, cond, 0, torch.Generator().manual_seed(3), keep_graph=False)
+    assert t.tolist() == [249] * 4 and x.grad_fn is not None and x_ng.grad_fn is None
+    assert torch.allclose(x, x_ng)
+    # the final output's loss reaches the generator through the state at 249 (the rollout's first three calls)
+    first = [p for p in r.optimizer_params()["student"]][0]
+    g_state = torch.autograd.grad(x.pow(2).sum(), first)[0]
+    assert g_state.abs().sum() > 0
+    # random_step (the paper's rule) never keeps the rollout's graph
+    r2 = DMD2Recipe(toy_teacher_bundle("ring8"), DMD2Options(w_real=2.0, timesteps=grid))
+    step = next(s for s in range(64) if r2._simulation_index(s) == 3)
+    x2, _ = r2.generator_input(4, cond, step, torch.Generator().manual_seed(3), keep_graph=True)
+    assert x2.grad_fn is None
+    with pytest.raises(ValueError, match="recipe.simulation"):
+        DMD2Options(simulation="full").validate()
+
+
 def test_gan_head_reads_the_fake_mid_block_and_stops_there(sd_dir):
     r = _sd_recipe(sd_dir, w_real=2.0, data_mode="real")
     fake = unwrap(r.fake.denoiser.backbone)

@@ -11,7 +11,11 @@ One training step (``step`` = updates done so far):
    1-step SDXL model). Several steps (``timesteps = [999, 749, 499, 249]``): *backward simulation*: draw
    ``k in {0..K-1}`` (one per update, the same on every rank), run G for k steps from pure noise without grad,
    re-noising each x0 estimate to the next grid time with fresh noise, and train on the state at ``timesteps[k]``.
-   ``x0_gen = X0(G(x_k, timesteps[k]))``.
+   ``x0_gen = X0(G(x_k, timesteps[k]))``. ``simulation: unrolled`` (not in the paper; an option for small-data
+   students whose early-step outputs are far from the data): every update runs the whole grid and trains on the
+   *final* output only, back-propagating through the rollout (re-noising is ``alpha x0 + sigma eps``, differentiable
+   in x0). The fake score and the GAN head then model the sampler's output distribution itself, not the mixture
+   over the K step outputs that the random-step rule trains them on.
 2. Generator update, on every ``update_ratio``-th step (two time-scale rule; the fake score is updated every step):
    ``t ~ U{0.02 T .. 0.98 T}``, ``x_t = alpha_t x0_gen + sigma_t eps``, ``x0_real = X0(teacher, CFG w_real)``,
    ``x0_fake = X0(fake)`` (never guided), ``grad = nan_to_num((x0_fake - x0_real) / mean_CHW |x0_gen - x0_real|)``
@@ -58,6 +62,9 @@ class DMD2Options(ODERegressionOptions):
     """Imagen CFG scale of the real score (SDXL 8, SD1.5 1.75; 1 = unguided). The fake score is never guided."""
     timesteps: list[int] = field(default_factory=lambda: [999])
     """Generator timestep grid: [999] (1 step; [399] for 1-step SDXL) or e.g. [999, 749, 499, 249] (4 steps)."""
+    simulation: str = "random_step"
+    """Multi-step generator input: "random_step" (DMD2's backward simulation: train on the output of a random grid
+    step, rollout without grad) or "unrolled" (train on the final output, gradients through the whole rollout)."""
     update_ratio: int = 5
     """Fake-score updates per generator update (two time-scale rule: 5 SDXL/ImageNet, 10 SD1.5)."""
     dm_t_min: float = 0.02
@@ -106,6 +113,8 @@ class DMD2Options(ODERegressionOptions):
                 or any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
             raise ValueError(f"recipe.timesteps must be a non-empty, strictly decreasing list of integer timesteps, "
                              f"got {self.timesteps}")
+        if self.simulation not in ("random_step", "unrolled"):
+            raise ValueError(f"recipe.simulation must be 'random_step' or 'unrolled', got {self.simulation!r}")
         if self.update_ratio < 1:
             raise ValueError(f"recipe.update_ratio must be >= 1, got {self.update_ratio}")
         if not 0 <= self.dm_t_min <= self.dm_t_max <= 1:
@@ -236,14 +245,18 @@ class DMD2Recipe(Recipe):
         """k in {0..K-1} for backward simulation: seeded by the update index, so it is shared by every rank."""
         if len(self.grid) == 1:
             return 0
+        if self.options.simulation == "unrolled":
+            return len(self.grid) - 1
         return int(torch.randint(len(self.grid), (1,), generator=torch.Generator().manual_seed(7919 * step + 13)))
 
-    def generator_input(self, n: int, cond, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(x, t): pure noise at grid[0], or the backward-simulated state at grid[k] (no grad)."""
+    def generator_input(self, n: int, cond, step: int, generator: torch.Generator,
+                        keep_graph: bool = False) -> tuple[Tensor, Tensor]:
+        """(x, t): pure noise at grid[0], or the backward-simulated state at grid[k] (no grad; with
+        ``simulation: unrolled`` k is the last step and, when ``keep_graph``, the rollout keeps its graph)."""
         k = self._simulation_index(step)
         x = torch.randn((n, *self.teacher.sample_shape), generator=generator).to(self.device)
         if k:
-            with torch.no_grad():
+            with torch.set_grad_enabled(keep_graph and self.options.simulation == "unrolled"):
                 x = renoise_rollout(self.student, x, self.grid[:k + 1], cond, generator)
         return x, torch.full((n,), self.grid[k], device=self.device)
 
@@ -282,7 +295,7 @@ class DMD2Recipe(Recipe):
         regressing = self.regression is not None and self.regression.warming_up(step)
         if self.regression is not None:
             self.regression.fill(cond, uncond, generator, dev)
-        x, t_in = self.generator_input(n, cond, step, generator)
+        x, t_in = self.generator_input(n, cond, step, generator, keep_graph=update_gen and not regressing)
         with torch.set_grad_enabled(update_gen and not regressing):
             x0_gen = self.student.predict(x, t_in, cond, want="x0")["x0"]
         logs = dict(sample_stats(x0_gen))
