@@ -160,7 +160,7 @@ def test_unrolled_simulation_trains_the_final_output_through_the_rollout():
     assert t.tolist() == [249] * 4 and x.grad_fn is not None and x_ng.grad_fn is None
     assert torch.allclose(x, x_ng)
     # the final output's loss reaches the generator through the state at 249 (the rollout's first three calls)
-    first = [p for p in r.optimizer_params()["student"]][0]
+    first = r.optimizer_params()["student"][0]
     g_state = torch.autograd.grad(x.pow(2).sum(), first)[0]
     assert g_state.abs().sum() > 0
     # random_step (the paper's rule) never keeps the rollout's graph

@@ -295,8 +295,9 @@ class DMD2Recipe(Recipe):
         regressing = self.regression is not None and self.regression.warming_up(step)
         if self.regression is not None:
             self.regression.fill(cond, uncond, generator, dev)
-        x, t_in = self.generator_input(n, cond, step, generator, keep_graph=update_gen and not regressing)
-        with torch.set_grad_enabled(update_gen and not regressing):
+        trains_generator = update_gen and not regressing  # the DM (+ GAN) loss reaches G in this update
+        x, t_in = self.generator_input(n, cond, step, generator, keep_graph=trains_generator)
+        with torch.set_grad_enabled(trains_generator):
             x0_gen = self.student.predict(x, t_in, cond, want="x0")["x0"]
         logs = dict(sample_stats(x0_gen))
         losses = {}
